@@ -1,0 +1,1 @@
+"""Shared core: configuration, artifact store, camera formats, synthetic scenes, logging."""

@@ -1,0 +1,198 @@
+"""Camera conventions, owned in one place.
+
+- ``Cameras.c2w`` is camera-to-world in **OpenCV axes** (x right, y down, z forward).
+  OpenGL axes (x right, y up, z backward, used by ``transforms.json``) differ by
+  ``diag(1, -1, -1)`` on the camera side: ``c2w_gl = c2w_cv @ diag(1, -1, -1, 1)``.
+- ``w2c = inv(c2w)``; a world point X maps to the camera as ``x_cam = R X + t``.
+- Pixel coordinates are continuous with (0, 0) at the top-left corner of the top-left pixel,
+  so pixel (row i, column j) has its centre at (u, v) = (j + 0.5, i + 0.5) (COLMAP's convention).
+- ``transforms.json`` (instant-ngp / Neuralangelo): ``fl_x, fl_y, cx, cy, w, h`` and
+  ``frames[].file_path`` / ``frames[].transform_matrix`` (camera-to-world, OpenGL axes).
+- NeuS/IDR ``cameras_sphere.npz``: ``world_mat_i = K @ w2c`` (4x4) and ``scale_mat_i``, the
+  similarity that maps the unit sphere to world coordinates.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+
+from pipeline.errors import InputError
+
+GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+@dataclass
+class Cameras:
+    """Pinhole cameras sharing one image size. Arrays are float64."""
+
+    names: list[str]
+    K: np.ndarray  # (N, 3, 3) intrinsics
+    c2w: np.ndarray  # (N, 4, 4) camera-to-world, OpenCV axes
+    width: int
+    height: int
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def w2c(self) -> np.ndarray:
+        return np.linalg.inv(self.c2w)
+
+    @property
+    def centers(self) -> np.ndarray:
+        return self.c2w[:, :3, 3].copy()
+
+    def subset(self, index) -> "Cameras":
+        index = np.asarray(index)
+        return Cameras([self.names[i] for i in index], self.K[index], self.c2w[index],
+                       self.width, self.height, dict(self.extra))
+
+
+def intrinsics(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:
+    return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+
+
+def gl_from_cv(c2w: np.ndarray) -> np.ndarray:
+    """Camera-to-world with OpenCV camera axes -> OpenGL camera axes (works on (..., 4, 4))."""
+    return c2w @ GL_FROM_CV
+
+
+def cv_from_gl(c2w: np.ndarray) -> np.ndarray:
+    return c2w @ GL_FROM_CV
+
+
+def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """Camera-to-world (OpenCV axes) of a camera at ``eye`` looking at ``target``."""
+    forward = target - eye
+    forward = forward / np.linalg.norm(forward)
+    right = np.cross(forward, up)
+    right = right / np.linalg.norm(right)
+    down = np.cross(forward, right)
+    c2w = np.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, down, forward, eye
+    return c2w
+
+
+def project(points: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World points (M, 3) -> pixel coordinates (M, 2) and camera depth (M,)."""
+    cam = points @ w2c[:3, :3].T + w2c[:3, 3]
+    depth = cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uvw = cam @ K.T
+        uv = uvw[:, :2] / uvw[:, 2:3]
+    return uv, depth
+
+
+def pixel_rays(K: np.ndarray, c2w: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rays through continuous pixel coordinates ``uv`` (M, 2): world origins and unit directions."""
+    xy = (uv - K[:2, 2]) / np.array([K[0, 0], K[1, 1]])
+    dirs_cam = np.concatenate([xy, np.ones((len(uv), 1))], axis=1)
+    dirs = dirs_cam @ c2w[:3, :3].T
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    origins = np.broadcast_to(c2w[:3, 3], dirs.shape).copy()
+    return origins, dirs
+
+
+def _check_finite(arr: np.ndarray, what: str, path: Path) -> None:
+    if not np.all(np.isfinite(arr)):
+        raise InputError(f"{path}: {what} contains NaN or infinite values")
+
+
+def save_transforms(path: Path, cams: Cameras, extra: dict | None = None) -> None:
+    """Write ``transforms.json``; ``names`` become ``file_path`` values as given."""
+    K0 = cams.K[0]
+    data = {
+        "fl_x": float(K0[0, 0]), "fl_y": float(K0[1, 1]),
+        "cx": float(K0[0, 2]), "cy": float(K0[1, 2]),
+        "w": int(cams.width), "h": int(cams.height),
+        "camera_angle_x": 2.0 * math.atan(cams.width / (2.0 * K0[0, 0])),
+        "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
+        **cams.extra, **(extra or {}),
+        "frames": [],
+    }
+    for i, name in enumerate(cams.names):
+        frame = {"file_path": name, "transform_matrix": gl_from_cv(cams.c2w[i]).tolist()}
+        if not np.allclose(cams.K[i], K0):
+            Ki = cams.K[i]
+            frame.update(fl_x=float(Ki[0, 0]), fl_y=float(Ki[1, 1]), cx=float(Ki[0, 2]), cy=float(Ki[1, 2]))
+        data["frames"].append(frame)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def load_transforms(path: Path) -> Cameras:
+    """Read a ``transforms.json`` with per-file or per-frame intrinsics (fl_x or camera_angle_x)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read camera file ({exc})") from None
+    try:
+        w, h = int(data["w"]), int(data["h"])
+        names, Ks, c2ws = [], [], []
+        for frame in data["frames"]:
+            fx = frame.get("fl_x", data.get("fl_x"))
+            if fx is None:
+                fx = 0.5 * w / math.tan(0.5 * float(data["camera_angle_x"]))
+            fy = frame.get("fl_y", data.get("fl_y", fx))
+            cx = frame.get("cx", data.get("cx", w / 2.0))
+            cy = frame.get("cy", data.get("cy", h / 2.0))
+            Ks.append(intrinsics(float(fx), float(fy), float(cx), float(cy)))
+            c2ws.append(cv_from_gl(np.asarray(frame["transform_matrix"], dtype=np.float64)))
+            names.append(str(frame["file_path"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: malformed transforms.json ({type(exc).__name__}: {exc})") from None
+    if not names:
+        raise InputError(f"{path}: no frames")
+    K, c2w = np.stack(Ks), np.stack(c2ws)
+    _check_finite(K, "an intrinsics value", path)
+    _check_finite(c2w, "a transform_matrix", path)
+    if np.any(np.abs(np.linalg.det(c2w[:, :3, :3])) < 1e-6):
+        raise InputError(f"{path}: a transform_matrix has a singular rotation")
+    keep = {k: v for k, v in data.items() if k not in ("frames",)}
+    return Cameras(names, K, c2w, w, h, extra={k: keep[k] for k in ("sphere_center", "sphere_radius", "aabb_range") if k in keep})
+
+
+def save_neus_npz(path: Path, cams: Cameras, scale_mat: np.ndarray) -> None:
+    """Write IDR/NeuS ``cameras_sphere.npz``: ``world_mat_i = K @ w2c`` and ``scale_mat_i``."""
+    arrays = {}
+    for i in range(len(cams)):
+        K4 = np.eye(4)
+        K4[:3, :3] = cams.K[i]
+        arrays[f"world_mat_{i}"] = K4 @ np.linalg.inv(cams.c2w[i])
+        arrays[f"scale_mat_{i}"] = scale_mat
+    np.savez(path, **arrays)
+
+
+def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split a 3x4 projection ``K [R | t]`` into K (3x3, positive diagonal) and c2w (4x4)."""
+    K, R = scipy.linalg.rq(P[:3, :3])
+    signs = np.diag(np.sign(np.diag(K)))
+    K, R = K @ signs, signs @ R
+    t = np.linalg.solve(K, P[:3, 3])
+    if np.linalg.det(R) < 0:
+        R, t = -R, -t
+    w2c = np.eye(4)
+    w2c[:3, :3], w2c[:3, 3] = R, t
+    return K / K[2, 2], np.linalg.inv(w2c)
+
+
+def load_neus_npz(path: Path, names: list[str], width: int, height: int) -> tuple[Cameras, np.ndarray]:
+    """Read ``cameras_sphere.npz`` for ``names`` (in index order); returns cameras and scale_mat_0."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        Ps = [data[f"world_mat_{i}"] for i in range(len(names))]
+        scale = data["scale_mat_0"] if "scale_mat_0" in data else np.eye(4)
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read NeuS cameras ({exc})") from None
+    Ks, c2ws = [], []
+    for P in Ps:
+        _check_finite(P, "a world_mat", path)
+        K, c2w = decompose_projection(np.asarray(P, dtype=np.float64)[:3, :4])
+        Ks.append(K)
+        c2ws.append(c2w)
+    return Cameras(list(names), np.stack(Ks), np.stack(c2ws), width, height), np.asarray(scale, np.float64)

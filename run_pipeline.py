@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Command line: reconstruct a mesh from a video, a photo folder or a dataset scene.
+
+    python run_pipeline.py run (--video FILE | --images DIR | --dataset DIR --format FMT) --workdir DIR
+    python run_pipeline.py demo [--workdir DIR]
+    python run_pipeline.py status --workdir DIR [--json]
+    python run_pipeline.py gc --workdir DIR
+
+Exit codes: 0 success, 1 a stage failed or could not run, 2 bad usage, input or config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from pipeline import store
+from pipeline.config import load_config, preset_names
+from pipeline.dag import STAGES, Source
+from pipeline.errors import PipelineError
+from pipeline.fsutil import file_lock
+from pipeline.log import setup_logging
+
+DATASET_FORMATS = ("neus", "blender", "neuralangelo", "colmap")
+
+
+def _scene_name(path: Path) -> str:
+    name = path.stem if path.is_file() else path.name
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "scene"
+
+
+def _source_from_args(args) -> Source:
+    given = [a for a in (args.video, args.images, args.dataset) if a]
+    if len(given) != 1:
+        raise PipelineError("give exactly one of --video FILE, --images DIR, --dataset DIR")
+    gt = str(Path(args.gt).resolve()) if args.gt else ""
+    if args.video:
+        path = Path(args.video).expanduser()
+        if not path.is_file():
+            raise PipelineError(f"{path}: no such video file")
+        return Source("video", str(path.resolve()), gt=gt)
+    if args.images:
+        path = Path(args.images).expanduser()
+        if not path.is_dir():
+            raise PipelineError(f"{path}: no such photo folder")
+        return Source("images", str(path.resolve()), gt=gt)
+    path = Path(args.dataset).expanduser()
+    if not args.format:
+        raise PipelineError(f"--dataset needs --format ({', '.join(DATASET_FORMATS)})")
+    if not path.is_dir():
+        raise PipelineError(f"{path}: no such dataset folder")
+    return Source("dataset", str(path.resolve()), format=args.format, gt=gt)
+
+
+def _op(args) -> dict:
+    return {"device": args.device, "progress": not args.no_progress, "debug": args.debug}
+
+
+def _report(result, debug: bool) -> int:
+    if result.ok:
+        return 0
+    if result.failures:
+        first = result.failures[0]
+        print(f"FAILED scene '{first['scene']}', stage '{first['stage']}': {first['message']}", file=sys.stderr)
+        for other in result.failures[1:]:
+            print(f"FAILED scene '{other['scene']}', stage '{other['stage']}': {other['message']}", file=sys.stderr)
+        if debug:
+            for f in result.failures:
+                print(f.get("traceback", ""), file=sys.stderr)
+    else:
+        print(f"FAILED: Luigi finished with status {result.status}", file=sys.stderr)
+        print(result.summary, file=sys.stderr)
+    return 1
+
+
+def run_scene(source: Source, scene: str, args) -> int:
+    from tasks.build import build
+
+    cfg = load_config(args.preset, args.set)
+    until = args.until or store.available_stages()[-1]
+    plan = store.make_plan(scene, source, cfg, until)
+    result = build([plan], Path(args.workdir), workers=args.workers, scheduler_host=args.scheduler_host,
+                   scheduler_port=args.scheduler_port, op=_op(args), debug=args.debug)
+    code = _report(result, args.debug)
+    if code == 0:
+        folder = store.scene_dir(Path(args.workdir).resolve(), scene)
+        print(f"done: scene '{scene}' up to stage '{until}' in {folder}")
+    return code
+
+
+def cmd_run(args) -> int:
+    source = _source_from_args(args)
+    scene = args.scene or _scene_name(Path(source.path))
+    return run_scene(source, scene, args)
+
+
+def _has_cuda() -> bool:
+    """Ask a child process, so that CUDA is never initialised in this (Luigi) process."""
+    probe = "import torch; print(torch.cuda.is_available())"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.stdout.strip() == "True"
+
+
+def cmd_demo(args) -> int:
+    from pipeline.synthetic import SceneSpec, generate
+
+    workdir = Path(args.workdir)
+    gpu = args.device != "cpu" and _has_cuda()
+    args.preset = args.preset or ("default" if gpu else "fast_cpu")
+    spec = SceneSpec(num_views=150, width=1920, height=1080, output="video") if gpu else \
+        SceneSpec(num_views=80, width=640, height=480, output="video")
+    data = workdir / "demo_input"
+    with file_lock(workdir / ".demo.lock"):
+        if not (data / "gt" / "gt.json").is_file():
+            shutil.rmtree(data, ignore_errors=True)
+            print(f"generating the synthetic spot video ({spec.num_views} frames, "
+                  f"{spec.width}x{spec.height}) in {data}", file=sys.stderr)
+            generate(data, spec)
+    source = Source("video", str((data / "video.mp4").resolve()), gt=str((data / "gt").resolve()))
+    return run_scene(source, "spot", args)
+
+
+def scene_status(workdir: Path) -> dict:
+    scenes = {}
+    for scene, plan in store.load_plans(workdir).items():
+        stages = {}
+        for stage, key in plan["keys"].items():
+            final = store.stage_dir(workdir, scene, stage, key)
+            state = "done" if store.is_done(final) else \
+                "partial" if store.partial_dir(final).exists() else "missing"
+            stages[stage] = {"state": state, "dir": str(final)}
+        scenes[scene] = stages
+    return {"scenes": scenes}
+
+
+def cmd_status(args) -> int:
+    workdir = Path(args.workdir)
+    if not workdir.is_dir():
+        raise PipelineError(f"{workdir}: no such workdir")
+    status = scene_status(workdir)
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    for scene, stages in status["scenes"].items():
+        cells = "  ".join(f"{s}:{v['state']}" for s, v in stages.items())
+        print(f"{scene:24s} {cells}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from tasks.execute import lock_file
+
+    workdir = Path(args.workdir)
+    if not workdir.is_dir():
+        raise PipelineError(f"{workdir}: no such workdir")
+    removed = 0
+    for scene, plan in store.load_plans(workdir).items():
+        keep = {f"{s}-{k}" for s, k in plan["keys"].items()}
+        pattern = re.compile(rf"^({'|'.join(STAGES)})-([0-9a-f]{{{store.KEY_LEN}}})(\.partial)?$")
+        for folder in sorted(store.scene_dir(workdir, scene).iterdir()):
+            m = pattern.match(folder.name)
+            if not m or f"{m.group(1)}-{m.group(2)}" in keep:
+                continue
+            with file_lock(lock_file(workdir, scene, m.group(1), m.group(2)), blocking=False) as held:
+                if held:
+                    shutil.rmtree(folder)
+                    removed += 1
+                    print(f"removed {folder}")
+    print(f"gc: removed {removed} folder(s)")
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
+    p.add_argument("--workdir", required=workdir_required, default=None if workdir_required else "demo_workdir",
+                   help="where stage folders are kept")
+    p.add_argument("--scene", help="scene name (default: the input's file or folder name)")
+    p.add_argument("--preset", default=None, help=f"config preset ({', '.join(preset_names())})")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable)")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    p.add_argument("--workers", type=int, default=1, help="Luigi worker processes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--scheduler-host", help="use a running luigid at this host")
+    p.add_argument("--scheduler-port", type=int, help="port of that luigid (default 8082)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and Luigi's log")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="reconstruct one scene")
+    p.add_argument("--video", help="a video file")
+    p.add_argument("--images", help="a folder of photos")
+    p.add_argument("--dataset", help="a dataset scene folder (with --format)")
+    p.add_argument("--format", choices=DATASET_FORMATS, help="dataset format")
+    p.add_argument("--gt", help="ground-truth folder (gt.json, gt_mesh.ply, ...) for evaluation")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("demo", help="generate a synthetic scene and reconstruct it")
+    _add_run_options(p, workdir_required=False)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("status", help="show what is done for each scene")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("gc", help="remove stage folders no scene's current plan points to")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_gc)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.debug)
+    if getattr(args, "preset", "") is None and args.command == "run":
+        args.preset = "default"
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure computation, one module per stage; nothing here imports luigi."""

@@ -1,0 +1,1 @@
+"""Luigi tasks, one per stage: parameters -> stage subprocess -> atomic stage folder."""

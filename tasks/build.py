@@ -1,0 +1,80 @@
+"""Run Luigi over scene plans and turn its result into an exit status and one-line reasons."""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import luigi
+from luigi.execution_summary import LuigiStatusCode
+
+from pipeline import store
+from pipeline.fsutil import atomic_copy, read_json
+from tasks.execute import error_file
+from tasks.stages import task_for
+
+OK_STATUSES = (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY)
+
+
+@dataclass
+class BuildResult:
+    ok: bool
+    status: str
+    failures: list[dict] = field(default_factory=list)  # {"scene", "stage", "message", "traceback"}
+    summary: str = ""
+
+
+def _clear_errors(workdir: Path, plan: dict) -> None:
+    for stage, key in plan["keys"].items():
+        error_file(workdir, plan["scene"], stage, key).unlink(missing_ok=True)
+
+
+def _collect_errors(workdir: Path, plan: dict) -> list[dict]:
+    out = []
+    for stage, key in plan["keys"].items():
+        path = error_file(workdir, plan["scene"], stage, key)
+        if path.exists():
+            try:
+                out.append(read_json(path))
+            except (OSError, ValueError):
+                out.append({"scene": plan["scene"], "stage": stage, "message": "unreadable error report"})
+    return out
+
+
+def publish(workdir: Path, plan: dict) -> list[str]:
+    """Copy the main outputs of the plan's stages (``PUBLISH``) to ``<workdir>/<scene>/``."""
+    done = []
+    for stage, key in plan["keys"].items():
+        module = importlib.import_module(store.stage_module_name(stage))
+        folder = store.stage_dir(workdir, plan["scene"], stage, key)
+        for name in getattr(module, "PUBLISH", ()):
+            src = folder / name
+            if src.is_file():
+                atomic_copy(src, store.scene_dir(workdir, plan["scene"]) / Path(name).name)
+                done.append(Path(name).name)
+    return done
+
+
+def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: str | None = None,
+          scheduler_port: int | None = None, op: dict | None = None, debug: bool = False) -> BuildResult:
+    workdir = Path(workdir).resolve()
+    op_json = json.dumps(op or {}, sort_keys=True)
+    for plan in plans:
+        store.save_plan(workdir, plan)
+        _clear_errors(workdir, plan)
+    tasks = [task_for(plan["until"], str(workdir), plan, op_json) for plan in plans]
+    params = {"workers": workers, "log_level": "DEBUG" if debug else "CRITICAL", "no_lock": True}
+    if scheduler_host:
+        params.update(scheduler_host=scheduler_host, local_scheduler=False)
+        if scheduler_port:
+            params["scheduler_port"] = scheduler_port
+    else:
+        params["local_scheduler"] = True
+    result = luigi.build(tasks, detailed_summary=True, **params)
+    failures = [err for plan in plans for err in _collect_errors(workdir, plan)]
+    ok = result.status in OK_STATUSES and not failures
+    if ok:
+        for plan in plans:
+            publish(workdir, plan)
+    return BuildResult(ok=ok, status=result.status.name, failures=failures, summary=result.summary_text)

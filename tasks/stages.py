@@ -1,0 +1,75 @@
+"""One Luigi task class per stage; each is requires / output / run and nothing else."""
+from __future__ import annotations
+
+import json
+
+import luigi
+
+from pipeline import store
+from pipeline.dag import UPSTREAM
+from tasks.execute import run_stage
+
+
+class StageTask(luigi.Task):
+    """A stage of one scene. Identity: workdir, scene, stage and key; the rest is operational."""
+
+    stage = ""
+    workdir = luigi.Parameter()
+    scene = luigi.Parameter()
+    key = luigi.Parameter()
+    plan = luigi.Parameter(significant=False, visibility=luigi.parameter.ParameterVisibility.HIDDEN)
+    op = luigi.Parameter(default="{}", significant=False, visibility=luigi.parameter.ParameterVisibility.HIDDEN)
+
+    def requires(self):
+        plan = json.loads(self.plan)
+        return [task_for(up, self.workdir, plan, self.op) for up in UPSTREAM[self.stage]]
+
+    def output(self):
+        return luigi.LocalTarget(str(store.stage_dir(self.workdir, self.scene, self.stage, self.key) / store.MANIFEST))
+
+    def complete(self):
+        return store.is_done(store.stage_dir(self.workdir, self.scene, self.stage, self.key))
+
+    def run(self):
+        run_stage(json.loads(self.plan), self.stage, self.workdir, json.loads(self.op))
+
+
+class FramesTask(StageTask):
+    stage = "frames"
+
+
+class SfmTask(StageTask):
+    stage = "sfm"
+
+
+class MasksTask(StageTask):
+    stage = "masks"
+
+
+class SfmPointsTask(StageTask):
+    stage = "sfm_points"
+
+
+class TrainTask(StageTask):
+    stage = "train"
+
+
+class MeshTask(StageTask):
+    stage = "mesh"
+
+
+class CleanupTask(StageTask):
+    stage = "cleanup"
+
+
+class EvaluateTask(StageTask):
+    stage = "evaluate"
+
+
+TASKS = {cls.stage: cls for cls in (FramesTask, SfmTask, MasksTask, SfmPointsTask, TrainTask,
+                                    MeshTask, CleanupTask, EvaluateTask)}
+
+
+def task_for(stage: str, workdir: str, plan: dict, op: str = "{}") -> StageTask:
+    return TASKS[stage](workdir=str(workdir), scene=plan["scene"], key=plan["keys"][stage],
+                        plan=json.dumps(plan, sort_keys=True), op=op)

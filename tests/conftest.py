@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny inputs made inside the tests, and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes; CI skips it (-m 'not slow')")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
+    """Encode RGB uint8 frames (H, W, 3) with libx264."""
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "18"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def panning_frames(n: int = 24, w: int = 160, h: int = 120, seed: int = 0) -> list[np.ndarray]:
+    """A camera panning over a random texture: every frame differs and is sharp."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 255, size=(h // 4, (w + 4 * n) // 4, 3), dtype=np.uint8)
+    texture = np.kron(coarse, np.ones((4, 4, 1), dtype=np.uint8))
+    return [np.ascontiguousarray(texture[:h, 4 * i:4 * i + w]) for i in range(n)]
+
+
+@pytest.fixture
+def tiny_video(tmp_path) -> Path:
+    return write_video(tmp_path / "clip.mp4", panning_frames())
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), *args], capture_output=True,
+                          text=True, env=full_env, cwd=ROOT, timeout=timeout)
