@@ -24,7 +24,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "train": ("sfm", "masks", "sfm_points"),
     "mesh": ("train", "sfm_points"),
     "cleanup": ("mesh", "sfm", "masks"),
-    "evaluate": ("cleanup", "frames", "sfm", "masks", "train"),
+    "evaluate": ("cleanup", "mesh", "train", "sfm_points", "masks", "sfm", "frames"),
 }
 
 # Stages that need a GPU when one is there; they run pinned by CUDA_VISIBLE_DEVICES.

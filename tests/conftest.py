@@ -12,11 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes minutes; CI skips it (-m 'not slow')")
-    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
-
-
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
     """Encode RGB uint8 frames (H, W, 3) with libx264."""
     import av
