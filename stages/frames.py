@@ -31,6 +31,9 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     source = ctx.source
     if source is None:
         raise InputError("frames: no source given (a video file or a photo folder)")
+    if source.kind == "dataset":  # images + cameras (+ masks, ground truth) from a dataset
+        from stages.importers import run as import_dataset
+        return import_dataset(source.format, Path(source.path), Path(out_dir), ctx)
     if cfg.target_count < 2:
         raise ConfigError(f"frames.target_count must be at least 2, got {cfg.target_count}")
     out_dir = Path(out_dir)

@@ -12,6 +12,7 @@ from luigi.execution_summary import LuigiStatusCode
 from pipeline import store
 from pipeline.fsutil import atomic_copy, read_json
 from tasks.execute import error_file
+from tasks.gpus import parse_gpus, resource_name
 from tasks.stages import task_for
 
 OK_STATUSES = (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY)
@@ -56,6 +57,22 @@ def publish(workdir: Path, plan: dict) -> list[str]:
     return done
 
 
+def _declare_gpus(op: dict, scheduler_host: str | None, scheduler_port: int | None) -> None:
+    """Tell the scheduler how many GPU slots this host has (a per-host Luigi resource)."""
+    count = len(parse_gpus(op.get("gpus")))
+    if not count:
+        return
+    name = resource_name()
+    if scheduler_host:
+        from luigi.rpc import RemoteScheduler
+        RemoteScheduler(f"http://{scheduler_host}:{scheduler_port or 8082}").update_resource(name, count)
+    else:
+        config = luigi.configuration.get_config()
+        if not config.has_section("resources"):
+            config.add_section("resources")
+        config.set("resources", name, str(count))
+
+
 def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: str | None = None,
           scheduler_port: int | None = None, op: dict | None = None, debug: bool = False) -> BuildResult:
     workdir = Path(workdir).resolve()
@@ -63,6 +80,7 @@ def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: st
     for plan in plans:
         store.save_plan(workdir, plan)
         _clear_errors(workdir, plan)
+    _declare_gpus(op or {}, scheduler_host, scheduler_port)
     tasks = [task_for(plan["until"], str(workdir), plan, op_json) for plan in plans]
     params = {"workers": workers, "log_level": "DEBUG" if debug else "CRITICAL", "no_lock": True}
     if scheduler_host:

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 from pipeline import store
+from pipeline.dag import GPU_STAGES
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, file_lock, read_json
+from tasks.gpus import gpu_slot, parse_gpus
 
 log = logging.getLogger("pipeline")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +60,16 @@ def _child_env(op: dict) -> dict:
     return env
 
 
+def _call_stage(stage: str, job_path: Path, op: dict) -> int:
+    cmd = [sys.executable, "-m", "stages", str(job_path)]
+    gpus = parse_gpus(op.get("gpus"))
+    if stage not in GPU_STAGES or not gpus or op.get("device") == "cpu":
+        return subprocess.call(cmd, cwd=PROJECT_ROOT, env=_child_env(op))
+    with gpu_slot(gpus) as gpu:
+        log.info("%s: on GPU %s", stage, gpu)
+        return subprocess.call(cmd, cwd=PROJECT_ROOT, env=_child_env({**op, "cuda_visible_devices": gpu}))
+
+
 def _fail(plan: dict, stage: str, workdir: Path, partial: Path, rc: int) -> StageFailed:
     err_path = partial / ".error.json"
     try:
@@ -95,8 +107,7 @@ def run_stage(plan: dict, stage: str, workdir: Path, op: dict) -> None:
         atomic_write_json(job_path, _job(plan, stage, workdir, partial, op))
         log.info("[%s] %s: start (%s)", scene, stage, final.name)
         t0 = time.time()
-        rc = subprocess.call([sys.executable, "-m", "stages", str(job_path)],
-                             cwd=PROJECT_ROOT, env=_child_env(op))
+        rc = _call_stage(stage, job_path, op)
         if rc != 0:
             raise _fail(plan, stage, workdir, partial, rc)
         summary = read_json(partial / ".summary.json")

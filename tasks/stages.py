@@ -6,7 +6,8 @@ import json
 import luigi
 
 from pipeline import store
-from pipeline.dag import UPSTREAM
+from pipeline.dag import GPU_STAGES, UPSTREAM
+from tasks.gpus import parse_gpus, resource_name
 from tasks.execute import run_stage
 
 
@@ -19,6 +20,13 @@ class StageTask(luigi.Task):
     key = luigi.Parameter()
     plan = luigi.Parameter(significant=False, visibility=luigi.parameter.ParameterVisibility.HIDDEN)
     op = luigi.Parameter(default="{}", significant=False, visibility=luigi.parameter.ParameterVisibility.HIDDEN)
+
+    @property
+    def resources(self):
+        op = json.loads(self.op)
+        if self.stage in GPU_STAGES and parse_gpus(op.get("gpus")) and op.get("device") != "cpu":
+            return {resource_name(): 1}
+        return {}
 
     def requires(self):
         plan = json.loads(self.plan)
