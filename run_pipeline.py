@@ -58,7 +58,8 @@ def _source_from_args(args) -> Source:
 
 
 def _op(args) -> dict:
-    return {"device": args.device, "progress": not args.no_progress, "debug": args.debug}
+    return {"device": args.device, "progress": not args.no_progress, "debug": args.debug,
+            "gpus": args.gpus or ""}
 
 
 def _report(result, debug: bool) -> int:
@@ -178,6 +179,20 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_scheduler(args) -> int:
+    from tasks import scheduler
+
+    workdir = Path(args.workdir)
+    if args.action == "start":
+        info = scheduler.start(workdir, port=args.port, address=args.address)
+    elif args.action == "stop":
+        info = scheduler.stop(workdir)
+    else:
+        info = scheduler.status(workdir)
+    print(json.dumps(info))
+    return 0 if args.action != "status" or info["answering"] else 1
+
+
 def _add_run_options(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
     p.add_argument("--workdir", required=workdir_required, default=None if workdir_required else "demo_workdir",
                    help="where stage folders are kept")
@@ -188,6 +203,7 @@ def _add_run_options(p: argparse.ArgumentParser, workdir_required: bool = True) 
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
     p.add_argument("--workers", type=int, default=1, help="Luigi worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--gpus", help="GPU ids for GPU stages, e.g. 0,1: one stage per card at a time")
     p.add_argument("--scheduler-host", help="use a running luigid at this host")
     p.add_argument("--scheduler-port", type=int, help="port of that luigid (default 8082)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -217,6 +233,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_gc)
+    p = sub.add_parser("scheduler", help="run a luigid central scheduler in the background")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("--workdir", required=True, help="its state, pid file, logs and history go here")
+    p.add_argument("--port", type=int, default=8082)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_scheduler)
     return ap
 
 

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import luigi
+import luigi.rpc
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline import store
+from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_copy, read_json
 from tasks.execute import error_file
 from tasks.gpus import parse_gpus, resource_name
@@ -80,7 +82,6 @@ def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: st
     for plan in plans:
         store.save_plan(workdir, plan)
         _clear_errors(workdir, plan)
-    _declare_gpus(op or {}, scheduler_host, scheduler_port)
     tasks = [task_for(plan["until"], str(workdir), plan, op_json) for plan in plans]
     params = {"workers": workers, "log_level": "DEBUG" if debug else "CRITICAL", "no_lock": True}
     if scheduler_host:
@@ -89,7 +90,13 @@ def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: st
             params["scheduler_port"] = scheduler_port
     else:
         params["local_scheduler"] = True
-    result = luigi.build(tasks, detailed_summary=True, **params)
+    try:
+        _declare_gpus(op or {}, scheduler_host, scheduler_port)
+        result = luigi.build(tasks, detailed_summary=True, **params)
+    except luigi.rpc.RPCError as exc:
+        raise PipelineError(f"cannot reach the Luigi scheduler at {scheduler_host}:{scheduler_port or 8082} "
+                            f"({str(exc).splitlines()[0]}); start it with "
+                            "'run_pipeline.py scheduler start' or drop --scheduler-host") from None
     failures = [err for plan in plans for err in _collect_errors(workdir, plan)]
     ok = result.status in OK_STATUSES and not failures
     if ok:
