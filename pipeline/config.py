@@ -47,6 +47,8 @@ class SfmConfig:
     min_registered_ratio: float = opt(0.6, "fail when fewer than this share of frames register")
     max_image_size: int = opt(1600, "SIFT extraction downscales images to this long side")
     max_num_features: int = opt(8192, "SIFT features per image")
+    peak_threshold: float = opt(0.004, "SIFT peak threshold; lower finds more features on low-contrast surfaces (COLMAP: 0.0067)")
+    min_num_inliers: int = opt(15, "incremental mapper: fewest 2D-3D inliers to register an image (COLMAP: 30)")
     sequential_overlap: int = opt(10, "sequential matcher: match each frame with this many neighbours")
     loop_closure_stride: int = opt(10, "sequential matcher: exhaustive matching among every Nth frame")
     refine_principal_point: bool = opt(True, "refine the principal point in a final bundle adjustment")
@@ -60,27 +62,109 @@ class MaskConfig:
     dilate_px: int = opt(0, "dilate masks by this many pixels after clean-up")
     keep_components: int = opt(1, "keep this many largest connected components")
     fill_holes: bool = opt(True, "fill holes inside the mask")
+    grabcut_rounds: int = opt(3, "grabcut: 1 seeded pass + this-1 passes re-seeded from the multi-view silhouette consensus")
+    grabcut_iters: int = opt(5, "grabcut: GrabCut iterations per pass")
+    grabcut_max_side: int = opt(800, "grabcut: downscale the object's region to at most this many pixels for GrabCut")
+    grabcut_hull_res: int = opt(96, "grabcut: voxel resolution of the consensus visual hull")
+    consistency_res: int = opt(64, "voxel resolution of the visual hull that flags masks disagreeing with the others")
 
 
 @dataclass(frozen=True)
 class SfmPointsConfig:
     min_track_length: int = opt(3, "keep SfM points seen by at least this many images")
     max_error_px: float = opt(2.0, "keep SfM points with reprojection error at most this")
-    carve_resolution: int = opt(64, "voxel grid resolution of the visual-hull carving for the bounds")
-    sphere_margin: float = opt(1.1, "bounding sphere radius = this x the carved object's radius")
-    export_legacy: bool = opt(False, "also write the Geo-NeuS-style object-array view_id.npy (never read back)")
+    carve_resolution: int = opt(96, "voxel grid resolution of the visual-hull carving for the bounds")
+    sphere_margin: float = opt(1.1, "bounding sphere radius = this x the radius of the smallest ball around hull + points")
+    mask_vote: float = opt(0.5, "keep a point when it lies inside the masks of at least this share of the views observing it")
+    export_legacy: bool = opt(False, "also write the Geo-NeuS-style points_legacy.npy + object-array view_id.npy (never read back)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Neural SDF training (stages/train). Defaults are the quality preset for one GPU."""
     iterations: int = opt(20000, "optimisation steps")
-    seed: int = opt(0, "random seed")
+    seed: int = opt(0, "random seed (torch, numpy, python)")
+    mode: Literal["auto", "object", "scene"] = opt(
+        "auto", "object: masks, background colour, mask loss; scene: no masks, background field; auto: object when masks exist")
+    holdout_every: int = opt(8, "hold out every Nth view from training (0 = train on all); train.json reports their PSNR")
+    holdout_eval_views: int = opt(4, "render at most this many held-out views at the end for train.json (0 = none)")
+    # rays and sampling
+    batch_rays: int = opt(4096, "rays per step")
+    views_per_batch: int = opt(16, "views the rays of one step come from (the SfM loss uses their points)")
+    mask_ray_fraction: float = opt(0.5, "object mode: share of rays drawn inside the masks (the rest anywhere)")
+    samples_per_ray: int = opt(32, "foreground samples per ray, placed by the occupancy grid")
+    ray_candidates: int = opt(256, "occupancy look-ups per ray that decide where the samples go")
+    occ_resolution: int = opt(128, "occupancy grid resolution over [-1, 1]^3")
+    occ_update_every: int = opt(16, "refresh the occupancy grid from the SDF every this many steps")
+    occ_margin_cells: float = opt(1.5, "a cell is occupied when |SDF| < this x half its diagonal + occ_margin_s / inv_s")
+    occ_margin_s: float = opt(6.0, "NeuS density width term of the occupancy threshold (in 1/inv_s)")
+    occ_empty_weight: float = opt(0.02, "sample density of empty space relative to occupied space")
+    bg_samples: int = opt(32, "scene mode: background samples per ray outside the unit sphere")
+    background_color: Literal["random", "white", "black"] = opt(
+        "random", "object mode: colour behind the object (target pixels outside the mask are replaced by it)")
+    # hash grid
+    grid_levels: int = opt(16, "hash grid levels")
+    grid_features: int = opt(2, "features per level")
+    grid_log2_table: int = opt(19, "log2 of the hash table entries per level")
+    grid_base_res: int = opt(16, "coarsest grid resolution")
+    grid_max_res: int = opt(2048, "finest grid resolution")
+    grid_bound: float = opt(1.0, "the grid covers [-bound, bound]^3 in unit-sphere coordinates")
+    grid_backend: Literal["auto", "torch", "tcnn"] = opt("auto", "hash grid backend (auto: tcnn when it imports, else torch); not in checkpoints")
+    compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile the fields (auto: on CUDA only)")
+    amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast of the colour/background MLPs on CUDA (the SDF stays fp32); auto = bf16 on CUDA")
+    # coarse-to-fine and numerical gradients
+    c2f_init_levels: int = opt(4, "hash levels active at the start")
+    c2f_step: int = opt(800, "activate one more level every this many steps (0 = all levels from the start)")
+    gradient_mode: Literal["tetra4", "central6", "analytic"] = opt(
+        "tetra4", "normals: 4-tap tetrahedral (Neuralangelo), 6-tap central differences, or autograd")
+    eps_start_cells: float = opt(1.0, "finite-difference step in cells of the finest active level at the start")
+    eps_end_cells: float = opt(0.25, "finite-difference step in cells of the finest level once all levels are active")
+    # networks
+    sdf_layers: int = opt(1, "hidden layers of the SDF MLP")
+    sdf_hidden: int = opt(128, "width of the SDF MLP")
+    feature_dim: int = opt(64, "SDF MLP feature vector passed to the colour MLP")
+    init_radius: float = opt(0.5, "geometric init: the SDF starts as a sphere of this radius")
+    weight_norm: bool = opt(True, "weight normalisation in the SDF and colour MLPs")
+    color_layers: int = opt(4, "hidden layers of the colour MLP (IDR style: x, view dir, normal, feature)")
+    color_hidden: int = opt(128, "width of the colour MLP")
+    sh_levels: int = opt(4, "spherical-harmonics levels of the view direction (levels^2 values, at most 4)")
+    inv_s_init: float = opt(20.0, "initial NeuS inverse standard deviation (learned)")
+    cos_anneal_steps: int = opt(2000, "NeuS cos annealing from 0 to 1 over this many steps (0 = off)")
+    # losses
+    rgb_weight: float = opt(1.0, "weight of the RGB L1 loss")
+    eikonal_weight: float = opt(0.1, "weight of the eikonal loss (|grad SDF| - 1)^2")
+    curvature_weight: float = opt(5e-4, "weight of the curvature loss mean |laplacian SDF| after warm-up")
+    curvature_warmup_steps: int = opt(1000, "curvature weight ramps linearly from 0 over this many steps")
+    curvature_decay: float = opt(0.0, "curvature weight divides by this per newly active level (0 = the grid's per-level scale)")
+    mask_weight: float = opt(0.1, "object mode: weight of the BCE between rendered opacity and the mask")
+    sfm_weight: float = opt(0.1, "weight of the SfM-point loss mean |SDF| at the points the batch's views see")
+    sfm_loss_steps: int = opt(5000, "the SfM-point loss weight decays linearly to 0 over this many steps")
+    sfm_points_per_view: int = opt(64, "SfM points drawn per batch view for the SfM-point loss")
+    # optimiser
+    lr: float = opt(1e-3, "AdamW learning rate of the MLPs and inv_s")
+    lr_grid_mult: float = opt(10.0, "hash grid learning rate = lr x this")
+    weight_decay: float = opt(1e-2, "AdamW weight decay (all parameters)")
+    adam_eps: float = opt(1e-15, "AdamW epsilon")
+    warmup_steps: int = opt(500, "linear learning-rate warm-up")
+    lr_decay: Literal["exp", "two_steps"] = opt(
+        "exp", "exp: decay to lr x lr_final_ratio at the end; two_steps: divide by lr_gamma at 60% and 80%")
+    lr_final_ratio: float = opt(0.1, "exp decay: final learning rate / initial")
+    lr_gamma: float = opt(10.0, "two_steps decay: divide the learning rate by this at each step")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off)")
+    # bookkeeping
+    checkpoint_every: int = opt(2000, "write a checkpoint every this many steps (and on SIGTERM)")
+    log_every: int = opt(100, "TensorBoard scalars and the loss curve in train.json every this many steps")
+    eval_chunk: int = opt(4096, "rays per chunk when rendering held-out views")
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    resolution: int = opt(512, "marching-cubes grid resolution over the bounding cube")
-    block_res: int = opt(128, "grid block size evaluated at once; bounds memory")
+    resolution: int = opt(512, "marching-cubes cells per axis over the unit cube [-1, 1]^3 (up to 2048)")
+    block_res: int = opt(128, "cells per axis of a block evaluated and marched at once; bounds memory")
+    coarse_factor: int = opt(8, "coarse pass samples every Nth grid point; resolution and block_res must be multiples")
+    skip_margin: float = opt(2.0, "skip coarse cells whose |SDF| exceeds this x their half-diagonal at all corners (0 = evaluate all)")
+    eval_chunk: int = opt(262144, "points per SDF call (fixed size, padded, so seam samples get identical values)")
+    vertex_colors: bool = opt(True, "colour vertices with the colour network when the model has one")
 
 
 @dataclass(frozen=True)
@@ -88,12 +172,27 @@ class CleanupConfig:
     min_component_ratio: float = opt(0.1, "drop components whose diagonal is below this share of the largest")
     max_hole_edges: int = opt(100, "close holes with at most this many boundary edges")
     target_faces: int = opt(0, "decimate to this many faces (0 = keep)")
+    cull: bool = opt(True, "cull faces that project outside the masks in most views that see them")
+    cull_min_views: int = opt(3, "cull a face only when at least this many views see it")
+    cull_ratio: float = opt(0.5, "cull a face when more than this share of the views that see it put it outside the mask")
+    cull_dilate_px: int = opt(2, "dilate masks by this many pixels before culling (protects silhouettes)")
+    max_views: int = opt(60, "use at most this many views (evenly spread) for culling and colouring")
+    taubin_steps: int = opt(0, "Taubin smoothing iterations after decimation (0 = none)")
+    colour: bool = opt(True, "colour vertices from the images (visible views, frontal ones weighted up)")
+    texture: bool = opt(False, "also bake a UV texture atlas (needs the xatlas package)")
+    texture_size: int = opt(2048, "texture atlas side in pixels")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     holdout: bool = opt(True, "hold out every 8th frame from training and report its PSNR")
     num_samples: int = opt(200000, "surface samples for Chamfer and F-score")
+    fscore_thresholds: tuple[float, ...] = opt((0.005, 0.01), "F-score distance thresholds as fractions of the GT bounding-box diagonal")
+    icp_iterations: int = opt(20, "trimmed rigid ICP steps after aligning SfM cameras to GT cameras (0 = off)")
+    iou_max_views: int = opt(40, "silhouette IoU over at most this many views spread over the sequence (0 = all)")
+    render_max_side: int = opt(640, "IoU and report renders use the images scaled to at most this long side")
+    report_frames: int = opt(48, "thumbnails in the report's input contact sheet")
+    seed: int = opt(0, "seed of the surface sampling")
 
 
 SECTIONS: dict[str, type] = {

@@ -15,6 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_copy, read_json
 from tasks.execute import error_file
 from tasks.gpus import parse_gpus, resource_name
+from tasks.scheduler import ping
 from tasks.stages import task_for
 
 OK_STATUSES = (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY)
@@ -90,6 +91,9 @@ def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: st
             params["scheduler_port"] = scheduler_port
     else:
         params["local_scheduler"] = True
+    if scheduler_host and not ping(scheduler_host, scheduler_port or 8082):
+        raise PipelineError(f"cannot reach the Luigi scheduler at {scheduler_host}:{scheduler_port or 8082}; "
+                            "start it with 'run_pipeline.py scheduler start' or drop --scheduler-host")
     try:
         _declare_gpus(op or {}, scheduler_host, scheduler_port)
         result = luigi.build(tasks, detailed_summary=True, **params)
