@@ -100,6 +100,32 @@ def cmd_run(args) -> int:
     return run_scene(source, scene, args)
 
 
+def cmd_batch(args) -> int:
+    from tasks.batch import discover, plan_all, scene_rows, write_summary
+    from tasks.build import build
+
+    if args.format != "omniobject3d":
+        raise PipelineError(f"batch --format {args.format}: only omniobject3d is supported")
+    cfg = load_config(args.preset or "default", args.set)
+    until = args.until or store.available_stages()[-1]
+    scenes = discover(Path(args.root), args.split, args.include, args.limit)
+    plans, failures = plan_all(scenes, cfg, until)
+    for fail in failures:
+        print(f"FAILED scene '{fail['scene']}', stage '{fail['stage']}': {fail['message']}", file=sys.stderr)
+    workdir = Path(args.workdir).resolve()
+    result = build(plans, workdir, workers=args.workers, scheduler_host=args.scheduler_host,
+                   scheduler_port=args.scheduler_port, op=_op(args), debug=args.debug) if plans else None
+    failures += result.failures if result else []
+    rows = scene_rows(workdir, plans, failures)
+    csv_path, html_path = write_summary(workdir, rows)
+    ok = sum(r["status"] == "done" for r in rows)
+    code = 0 if ok == len(rows) else 1
+    if result and code:
+        _report(result, args.debug)
+    print(f"batch: {ok}/{len(rows)} scenes done; summary {csv_path}, report {html_path}")
+    return code
+
+
 def _has_cuda() -> bool:
     """Ask a child process, so that CUDA is never initialised in this (Luigi) process."""
     probe = "import torch; print(torch.cuda.is_available())"
@@ -150,9 +176,12 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=1))
         return 0
+    complete = 0
     for scene, stages in status["scenes"].items():
         cells = "  ".join(f"{s}:{v['state']}" for s, v in stages.items())
+        complete += all(v["state"] == "done" for v in stages.values())
         print(f"{scene:24s} {cells}")
+    print(f"{len(status['scenes'])} scene(s), {complete} complete")
     return 0
 
 
@@ -233,6 +262,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_gc)
+    p = sub.add_parser("batch", help="reconstruct every scene of a dataset")
+    p.add_argument("--root", required=True, help="dataset root (OmniObject3D layout)")
+    p.add_argument("--format", required=True, choices=("omniobject3d",))
+    p.add_argument("--split", choices=("blender", "video"), default="blender")
+    p.add_argument("--include", default="*", help="only scenes whose name (or category/name) matches")
+    p.add_argument("--limit", type=int, default=0, help="at most this many scenes (0 = all)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_batch)
     p = sub.add_parser("scheduler", help="run a luigid central scheduler in the background")
     p.add_argument("action", choices=("start", "stop", "status"))
     p.add_argument("--workdir", required=True, help="its state, pid file, logs and history go here")

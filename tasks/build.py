@@ -103,7 +103,7 @@ def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: st
                             "'run_pipeline.py scheduler start' or drop --scheduler-host") from None
     failures = [err for plan in plans for err in _collect_errors(workdir, plan)]
     ok = result.status in OK_STATUSES and not failures
-    if ok:
-        for plan in plans:
+    for plan in plans:
+        if store.is_done(store.stage_dir(workdir, plan["scene"], plan["until"], plan["keys"][plan["until"]])):
             publish(workdir, plan)
     return BuildResult(ok=ok, status=result.status.name, failures=failures, summary=result.summary_text)
