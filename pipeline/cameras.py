@@ -81,7 +81,7 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 def project(points: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World points (M, 3) -> pixel coordinates (M, 2) and camera depth (M,)."""
-    cam = points @ w2c[:3, :3].T + w2c[:3, 3]
+    cam = (w2c[:3, :3] @ points.T).T + w2c[:3, 3]  # (R @ X.T) is far faster than X @ R.T here
     depth = cam[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         uvw = cam @ K.T

@@ -74,7 +74,7 @@ class SfmPointsConfig:
     min_track_length: int = opt(3, "keep SfM points seen by at least this many images")
     max_error_px: float = opt(2.0, "keep SfM points with reprojection error at most this")
     carve_resolution: int = opt(96, "voxel grid resolution of the visual-hull carving for the bounds")
-    sphere_margin: float = opt(1.1, "bounding sphere radius = this x the radius of the smallest ball around hull + points")
+    sphere_margin: float = opt(1.15, "bounding sphere radius = this x the radius of the smallest ball around hull + points")
     mask_vote: float = opt(0.5, "keep a point when it lies inside the masks of at least this share of the views observing it")
     export_legacy: bool = opt(False, "also write the Geo-NeuS-style points_legacy.npy + object-array view_id.npy (never read back)")
 
