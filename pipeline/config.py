@@ -44,6 +44,7 @@ class SfmConfig:
     matcher: Literal["auto", "sequential", "exhaustive"] = opt(
         "auto", "feature matching: auto = sequential for video, exhaustive for photo sets")
     mapper: Literal["incremental", "global"] = opt("incremental", "pycolmap mapper")
+    fallback_mapper: bool = opt(True, "when the incremental mapper leaves frames out, also run the global one and keep the model with more frames")
     min_registered_ratio: float = opt(0.6, "fail when fewer than this share of frames register")
     max_image_size: int = opt(1600, "SIFT extraction downscales images to this long side")
     max_num_features: int = opt(8192, "SIFT features per image")
@@ -62,7 +63,7 @@ class MaskConfig:
     dilate_px: int = opt(0, "dilate masks by this many pixels after clean-up")
     keep_components: int = opt(1, "keep this many largest connected components")
     fill_holes: bool = opt(True, "fill holes inside the mask")
-    grabcut_rounds: int = opt(3, "grabcut: 1 seeded pass + this-1 passes re-seeded from the multi-view silhouette consensus")
+    grabcut_rounds: int = opt(2, "grabcut: 1 seeded pass + this-1 passes re-seeded from the multi-view silhouette consensus")
     grabcut_iters: int = opt(5, "grabcut: GrabCut iterations per pass")
     grabcut_max_side: int = opt(800, "grabcut: downscale the object's region to at most this many pixels for GrabCut")
     grabcut_hull_res: int = opt(96, "grabcut: voxel resolution of the consensus visual hull")
@@ -143,6 +144,7 @@ class TrainConfig:
     # optimiser
     lr: float = opt(1e-3, "AdamW learning rate of the MLPs and inv_s")
     lr_grid_mult: float = opt(10.0, "hash grid learning rate = lr x this")
+    lr_inv_s_mult: float = opt(1.0, "learning rate of the NeuS inverse standard deviation = lr x this (no weight decay)")
     weight_decay: float = opt(1e-2, "AdamW weight decay (all parameters)")
     adam_eps: float = opt(1e-15, "AdamW epsilon")
     warmup_steps: int = opt(500, "linear learning-rate warm-up")
@@ -189,7 +191,7 @@ class EvaluateConfig:
     num_samples: int = opt(200000, "surface samples for Chamfer and F-score")
     fscore_thresholds: tuple[float, ...] = opt((0.005, 0.01), "F-score distance thresholds as fractions of the GT bounding-box diagonal")
     icp_iterations: int = opt(20, "trimmed rigid ICP steps after aligning SfM cameras to GT cameras (0 = off)")
-    iou_max_views: int = opt(40, "silhouette IoU over at most this many views spread over the sequence (0 = all)")
+    iou_max_views: int = opt(24, "silhouette IoU over at most this many views spread over the sequence (0 = all)")
     render_max_side: int = opt(640, "IoU and report renders use the images scaled to at most this long side")
     report_frames: int = opt(48, "thumbnails in the report's input contact sheet")
     seed: int = opt(0, "seed of the surface sampling")

@@ -1,0 +1,141 @@
+"""Pure metric functions of the evaluate stage: Chamfer-L1 / F-score between point sets,
+silhouette IoU (mesh rasterised into a camera vs a mask), PSNR, and the similarity alignment
+(Umeyama via ``pipeline.align``, trimmed rigid ICP) that brings a reconstruction into the ground-truth frame.
+
+Conventions: 4x4 similarity ``T`` acts on column points, ``x' = T @ [x, 1]``; cameras follow
+``pipeline.cameras`` (OpenCV axes, pixel centres at +0.5). Everything takes numpy arrays.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def nearest_distances(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Distance of every point of ``src`` to its nearest neighbour in ``dst`` (scipy cKDTree)."""
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(dst).query(src, k=1, workers=-1)
+    return dist
+
+
+def chamfer_fscore(pred_points: np.ndarray, gt_points: np.ndarray, thresholds) -> dict:
+    """Chamfer-L1 and F-scores between two point samples of surfaces.
+
+    accuracy = mean distance pred -> gt, completeness = mean distance gt -> pred,
+    chamfer_l1 = their average. For each absolute threshold tau: precision = share of pred
+    points within tau of gt, recall = share of gt points within tau of pred, F = harmonic mean.
+    """
+    d_pred = nearest_distances(pred_points, gt_points)
+    d_gt = nearest_distances(gt_points, pred_points)
+    acc, comp = float(d_pred.mean()), float(d_gt.mean())
+    scores = []
+    for tau in thresholds:
+        p = float((d_pred <= tau).mean())
+        r = float((d_gt <= tau).mean())
+        f = 2.0 * p * r / (p + r) if p + r > 0 else 0.0
+        scores.append({"tau": float(tau), "precision": p, "recall": r, "fscore": f})
+    return {"accuracy": acc, "completeness": comp, "chamfer_l1": 0.5 * (acc + comp), "fscores": scores}
+
+
+def psnr(pred: np.ndarray, gt: np.ndarray, max_val: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB of two images with values in [0, max_val]."""
+    mse = float(np.mean((np.asarray(pred, np.float64) - np.asarray(gt, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(max_val ** 2 / mse))
+
+
+def silhouette_iou(pred_mask: np.ndarray, gt_mask: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    pred, gt = np.asarray(pred_mask, bool), np.asarray(gt_mask, bool)
+    union = np.logical_or(pred, gt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
+
+
+def project_vertices(vertices: np.ndarray, K: np.ndarray, c2w: np.ndarray):
+    """Vertex pixel coordinates (V, 2) and camera depths (V,) as float32 torch tensors."""
+    import torch
+
+    w2c = np.linalg.inv(c2w)
+    cam = np.asarray(vertices, np.float64) @ w2c[:3, :3].T + w2c[:3, 3]
+    z = cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xy = cam[:, :2] / np.maximum(z, 1e-9)[:, None] * np.array([K[0, 0], K[1, 1]]) + K[:2, 2]
+    xy = np.where(np.isfinite(xy), xy, -1e6)
+    return torch.as_tensor(xy, dtype=torch.float32), torch.as_tensor(z, dtype=torch.float32)
+
+
+def render_silhouette(vertices: np.ndarray, faces: np.ndarray, K: np.ndarray, c2w: np.ndarray,
+                      width: int, height: int, supersample: int = 2) -> np.ndarray:
+    """Boolean (height, width) mask of the mesh seen by one camera.
+
+    Rendered at ``supersample`` x the resolution; a pixel is covered when at least half of its
+    samples hit a face (the rule of ``pipeline.synthetic`` masks).
+    """
+    import torch
+
+    from pipeline.synthetic.raster import rasterize
+
+    s = int(supersample)
+    Ks = np.diag([s, s, 1.0]) @ K
+    xy, z = project_vertices(vertices, Ks, c2w)
+    face, _ = rasterize(xy, z, torch.as_tensor(np.asarray(faces), dtype=torch.int64), width * s, height * s)
+    hit = (face >= 0).view(height, s, width, s).sum((1, 3))
+    return (2 * hit >= s * s).numpy()
+
+
+# ---------------------------------------------------------------- alignment
+
+def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True) -> np.ndarray:
+    """Least-squares similarity mapping points ``src`` (N, 3) onto ``dst`` as a 4x4 matrix
+    (``pipeline.align.umeyama`` returns it as (s, R, t))."""
+    from pipeline.align import umeyama as fit
+
+    s, R, t = fit(src, dst, with_scale=with_scale)
+    T = np.eye(4)
+    T[:3, :3] = s * R
+    T[:3, 3] = t
+    return T
+
+
+def transform_points(T: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return np.asarray(points, np.float64) @ T[:3, :3].T + T[:3, 3]
+
+
+def similarity_scale(T: np.ndarray) -> float:
+    return float(np.cbrt(abs(np.linalg.det(T[:3, :3]))))
+
+
+def icp_refine(src: np.ndarray, dst: np.ndarray, init: np.ndarray, iterations: int = 20,
+               trim: float = 0.8, tol: float = 1e-7) -> tuple[np.ndarray, dict]:
+    """Trimmed rigid ICP: refine similarity ``init`` (src -> dst) by rigid updates.
+
+    Each step pairs every transformed src point with its nearest dst point, keeps the ``trim``
+    share with the smallest distances (so parts missing on one side do not pull) and applies
+    the best rigid motion. Returns the refined 4x4 and {"iterations", "rmse_before", "rmse_after"}.
+    """
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(dst)
+    T = np.array(init, np.float64)
+    rmse_first = rmse = None
+    done = 0
+    for done in range(1, iterations + 1):
+        moved = transform_points(T, src)
+        dist, idx = tree.query(moved, k=1, workers=-1)
+        keep = dist <= np.quantile(dist, trim)
+        rmse = float(np.sqrt(np.mean(dist[keep] ** 2)))
+        rmse_first = rmse if rmse_first is None else rmse_first
+        step = umeyama(moved[keep], dst[idx[keep]], with_scale=False)
+        T = step @ T
+        if np.linalg.norm(step - np.eye(4)) < tol:
+            break
+    dist, _ = tree.query(transform_points(T, src), k=1, workers=-1)
+    rmse_after = float(np.sqrt(np.mean(np.sort(dist)[: max(1, int(trim * len(dist)))] ** 2)))
+    return T, {"iterations": done, "rmse_before": rmse_first, "rmse_after": rmse_after}
+
+
+def motion_size(T: np.ndarray) -> tuple[float, float]:
+    """(rotation angle in degrees, translation length) of the rotation part of a similarity."""
+    s = similarity_scale(T)
+    R = T[:3, :3] / s
+    angle = np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)))
+    return float(angle), float(np.linalg.norm(T[:3, 3]))
