@@ -1,0 +1,322 @@
+"""Stage 7, cleanup: ``mesh_raw.ply`` -> a clean, closed, outward, coloured mesh
+(``mesh.ply``, ``mesh.obj``, ``mesh.glb``; a UV texture when asked) and ``cleanup.json``.
+
+Steps: duplicates and null faces out; small components out (diagonal below a share of the
+largest component's); faces culled that project outside the masks in most views that see
+them, then small components again; non-manifold edges and vertices repaired; holes up to
+``max_hole_edges`` closed; faces oriented coherently and each closed component outward
+(signed volume); optional quadric decimation and Taubin smoothing; vertex colours from the
+images (``stages.colour``), falling back to the raw mesh colours.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.dag import Context
+from pipeline.errors import InputError, StageError
+from pipeline.fsutil import atomic_write_json
+
+VERSION = "1"
+PUBLISH = ("mesh.ply", "mesh.obj", "mesh.glb")
+MIN_SEEN_SHARE = 0.2  # after culling, a piece with fewer faces seen by enough views is dropped
+GREY = 180  # colour of vertices no view sees and the raw mesh has no colour for
+
+
+def load_raw(mesh_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Vertices, faces and vertex colours (uint8, or None) of ``mesh_dir/mesh_raw.ply``."""
+    import trimesh
+
+    path = Path(mesh_dir) / "mesh_raw.ply"
+    try:
+        m = trimesh.load(path, process=False, force="mesh")
+    except Exception as exc:  # trimesh raises many types for bad files
+        raise InputError(f"{path}: cannot read the raw mesh ({type(exc).__name__}: {exc}); "
+                         "rerun the mesh stage") from None
+    colours = None
+    if getattr(m.visual, "kind", None) == "vertex":
+        colours = np.asarray(m.visual.vertex_colors)[:, :3].copy()
+    return np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64), colours
+
+
+def components(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Connected-component label per face (faces sharing a vertex are connected)."""
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(vertices)
+    rows = np.concatenate([faces[:, 0], faces[:, 1]])
+    cols = np.concatenate([faces[:, 1], faces[:, 2]])
+    graph = sp.coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels[faces[:, 0]]
+
+
+def keep_faces(vertices: np.ndarray, faces: np.ndarray, keep: np.ndarray):
+    """Drop faces not in ``keep`` and the vertices they leave unreferenced; also the old index
+    of each kept vertex."""
+    faces = faces[keep]
+    used = np.unique(faces)
+    remap = np.full(len(vertices), -1, np.int64)
+    remap[used] = np.arange(len(used))
+    return vertices[used], remap[faces], used
+
+
+def remove_small_components(vertices, faces, ratio: float):
+    """Remove components whose bounding-box diagonal is below ``ratio`` x the largest one's."""
+    if len(faces) == 0:
+        return vertices, faces, 0
+    labels = components(vertices, faces)
+    uniq, inv = np.unique(labels, return_inverse=True)
+    lo = np.full((len(uniq), 3), np.inf)
+    hi = np.full((len(uniq), 3), -np.inf)
+    for k in range(3):
+        pts = vertices[faces[:, k]]
+        np.minimum.at(lo, inv, pts)
+        np.maximum.at(hi, inv, pts)
+    diag = np.linalg.norm(hi - lo, axis=1)
+    small = diag < ratio * diag.max()
+    vertices, faces, _ = keep_faces(vertices, faces, ~small[inv])
+    return vertices, faces, int(small.sum())
+
+
+def orient_outward(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, int]:
+    """Flip every component whose signed volume is negative (call after a coherent orientation)."""
+    labels = components(vertices, faces)
+    tri = vertices[faces]
+    signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0
+    vol = np.bincount(labels, weights=signed)
+    flip = vol[labels] < 0
+    faces = faces.copy()
+    faces[flip] = faces[flip][:, ::-1]
+    return faces, int((vol < 0).sum())
+
+
+def _meshset(vertices, faces):
+    import pymeshlab
+
+    ms = pymeshlab.MeshSet()
+    ms.add_mesh(pymeshlab.Mesh(vertex_matrix=vertices, face_matrix=faces.astype(np.int32)))
+    return ms
+
+
+def _arrays(ms) -> tuple[np.ndarray, np.ndarray]:
+    m = ms.current_mesh()
+    return np.asarray(m.vertex_matrix(), np.float64), np.asarray(m.face_matrix(), np.int64)
+
+
+def remove_duplicates(vertices, faces):
+    ms = _meshset(vertices, faces)
+    ms.meshing_remove_duplicate_vertices()
+    ms.meshing_remove_duplicate_faces()
+    ms.meshing_remove_null_faces()
+    ms.meshing_remove_unreferenced_vertices()
+    return _arrays(ms)
+
+
+def repair_and_close(vertices, faces, max_hole_edges: int, log=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Repair non-manifold edges/vertices, close holes, orient coherently (pymeshlab)."""
+    import logging
+
+    import pymeshlab
+
+    log = log or logging.getLogger("pipeline")
+    ms = _meshset(vertices, faces)
+    ms.meshing_repair_non_manifold_edges()
+    ms.meshing_repair_non_manifold_vertices()
+    ms.meshing_remove_unreferenced_vertices()
+    before = ms.get_topological_measures()
+    try:
+        if max_hole_edges > 0:
+            # newfaceselected=False: selected new faces would make a later decimation do nothing.
+            ms.meshing_close_holes(maxholesize=int(max_hole_edges), newfaceselected=False)
+            ms.set_selection_none()
+            ms.meshing_repair_non_manifold_edges()
+        ms.meshing_re_orient_faces_coherently()
+    except pymeshlab.PyMeshLabException as exc:  # e.g. a non-orientable piece: keep what we have
+        log.warning("cleanup: hole closing / orientation stopped early (%s)", str(exc).splitlines()[0])
+    after = ms.get_topological_measures()
+    holes = max(int(before["number_holes"]) - int(after["number_holes"]), 0)
+    return *_arrays(ms), {"holes_before": int(before["number_holes"]), "holes_closed": holes,
+                          "faces_added_by_hole_closing": int(after["faces_number"]) - int(before["faces_number"])}
+
+
+def decimate_and_smooth(vertices, faces, target_faces: int, taubin_steps: int):
+    ms = _meshset(vertices, faces)
+    if 0 < target_faces < len(faces):
+        ms.meshing_decimation_quadric_edge_collapse(targetfacenum=int(target_faces), preservetopology=True,
+                                                    preservenormal=True, autoclean=True)
+    if taubin_steps > 0:
+        ms.apply_coord_taubin_smoothing(lambda_=0.5, mu=-0.53, stepsmoothnum=int(taubin_steps))
+    ms.meshing_remove_unreferenced_vertices()
+    return _arrays(ms)
+
+
+def topology(vertices: np.ndarray, faces: np.ndarray) -> dict:
+    """Watertightness, components, boundary loops, Euler characteristic, genus, volume."""
+    import trimesh
+
+    m = trimesh.Trimesh(vertices, faces, process=False)
+    edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    uniq, counts = np.unique(edges, axis=0, return_counts=True)
+    n_comp = len(np.unique(components(vertices, faces))) if len(faces) else 0
+    boundary = uniq[counts == 1]
+    loops = len(np.unique(components(vertices, np.c_[boundary, boundary[:, :1]]))) if len(boundary) else 0
+    euler = len(np.unique(faces)) - len(uniq) + len(faces)
+    manifold = bool((counts <= 2).all())
+    return {"watertight": bool(m.is_watertight), "components": n_comp, "boundary_loops": loops,
+            "manifold_edges": manifold, "euler_characteristic": int(euler),
+            "genus": int((2 * n_comp - loops - euler) // 2) if manifold else None,
+            "volume": float(m.volume) if m.is_watertight else None,
+            "area": float(m.area)}
+
+
+def colour_vertices(vertices, faces, views, raw_vertices, raw_colours, progress: bool):
+    """Vertex colours (V, 3) uint8 from the images; unseen vertices take the nearest raw
+    vertex's colour (or grey). Returns the colours and the share of vertices seen."""
+    from scipy.spatial import cKDTree
+
+    from stages.colour import blend_colours, vertex_normals
+
+    rgb, weight = blend_colours(vertices, vertex_normals(vertices, faces), vertices, faces, views, progress)
+    colours = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+    unseen = weight <= 0
+    if unseen.any() and raw_colours is not None:
+        _, nearest = cKDTree(raw_vertices).query(vertices[unseen])
+        colours[unseen] = raw_colours[nearest]
+    elif unseen.any():
+        colours = diffuse_colours(colours, ~unseen, faces)
+    return colours, float(1.0 - unseen.mean())
+
+
+def diffuse_colours(colours: np.ndarray, known: np.ndarray, faces: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """Give unknown vertices the mean colour of their known neighbours, growing ring by ring;
+    vertices no ring reaches get GREY."""
+    import scipy.sparse as sp
+
+    n = len(colours)
+    e = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    adj = sp.coo_matrix((np.ones(len(e) * 2), (np.r_[e[:, 0], e[:, 1]], np.r_[e[:, 1], e[:, 0]])), shape=(n, n)).tocsr()
+    col = colours.astype(np.float64) * known[:, None]
+    known = known.copy()
+    for _ in range(iterations):
+        if known.all():
+            break
+        count = adj @ known.astype(np.float64)
+        grow = ~known & (count > 0)
+        if not grow.any():
+            break
+        col[grow] = (adj @ col)[grow] / count[grow, None]
+        known |= grow
+    col[~known] = GREY
+    return (col + 0.5).astype(np.uint8)
+
+
+def cull_by_masks(vertices, faces, views, cfg, ctx):
+    """Remove faces that fall outside the masks in more than ``cull_ratio`` of the (at least
+    ``cull_min_views``) views that see them; then the pieces left that the views barely see
+    (e.g. the undersides of culled background slabs)."""
+    from stages.colour import mask_votes
+
+    seen, outside = mask_votes(vertices, faces, views, cfg.cull_dilate_px, ctx.progress)
+    cull = (seen >= cfg.cull_min_views) & (outside > cfg.cull_ratio * seen)
+    keep = ~cull
+    labels = components(vertices, faces[keep]) if keep.any() else np.zeros(0, np.int64)
+    _, inv = np.unique(labels, return_inverse=True)
+    supported = np.bincount(inv, weights=seen[keep] >= cfg.cull_min_views)
+    share = supported / np.bincount(inv)
+    unseen_piece = share < MIN_SEEN_SHARE
+    keep[np.flatnonzero(keep)[unseen_piece[inv]]] = False
+    vertices, faces, _ = keep_faces(vertices, faces, keep)
+    return vertices, faces, {"faces_culled": int(cull.sum()), "faces_unseen": int((seen == 0).sum()),
+                             "unseen_pieces_removed": int(unseen_piece.sum())}
+
+
+def write_outputs(out_dir: Path, vertices, faces, colours, texture=None) -> list[str]:
+    """``mesh.ply`` (vertex colours), ``mesh.obj`` and ``mesh.glb`` (textured when ``texture`` =
+    (vmapping, faces, uvs, image) is given, else vertex colours)."""
+    import trimesh
+    from PIL import Image
+    from trimesh.exchange.obj import export_obj
+
+    coloured = trimesh.Trimesh(vertices, faces, vertex_colors=colours, process=False)
+    coloured.export(out_dir / "mesh.ply")
+    shown = coloured
+    if texture is not None:
+        vmapping, tex_faces, uvs, image = texture
+        material = trimesh.visual.material.SimpleMaterial(image=Image.fromarray(image))
+        shown = trimesh.Trimesh(vertices[vmapping], tex_faces, process=False,
+                                visual=trimesh.visual.TextureVisuals(uv=uvs, material=material))
+    text, files = export_obj(shown, return_texture=True, mtl_name="mesh.mtl")
+    (out_dir / "mesh.obj").write_text(text)
+    for name, data in files.items():
+        (out_dir / name).write_bytes(data)
+    shown.export(out_dir / "mesh.glb")
+    return ["mesh.ply", "mesh.obj", "mesh.glb", *sorted(files)]
+
+
+def _colours(v, f, views, raw_v, raw_colours, cfg, ctx) -> tuple[np.ndarray, float]:
+    """Vertex colours from the images (``cleanup.colour``) or else the raw mesh's, or grey."""
+    if cfg.colour:
+        return colour_vertices(v, f, views, raw_v, raw_colours, ctx.progress)
+    if raw_colours is not None:
+        from scipy.spatial import cKDTree
+
+        return raw_colours[cKDTree(raw_v).query(v)[1]], 0.0
+    return np.full((len(v), 3), GREY, np.uint8), 0.0
+
+
+def _texture(vertices, faces, views, colours, cfg, ctx):
+    try:
+        import xatlas  # noqa: F401
+    except ImportError:
+        ctx.log.warning("cleanup: texture=true but the xatlas package is not installed; vertex colours only")
+        return None
+    from stages.colour import bake_texture
+
+    return bake_texture(vertices, faces, views, cfg.texture_size, colours, ctx.progress)
+
+
+def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
+    """Clean ``inputs["mesh"]/mesh_raw.ply`` into ``out_dir``; masks and images from
+    ``inputs["masks"]`` (optional) and ``inputs["sfm"]``."""
+    from stages.colour import load_views
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    raw_v, raw_f, raw_colours = load_raw(inputs["mesh"])
+    report: dict = {"input_vertices": len(raw_v), "input_faces": len(raw_f)}
+    views = load_views(inputs["sfm"], inputs.get("masks"), cfg.max_views)
+    v, f = remove_duplicates(raw_v, raw_f)
+    v, f, removed = remove_small_components(v, f, cfg.min_component_ratio)
+    report.update(faces_culled=0, faces_unseen=None, cull="off")
+    if cfg.cull and views.mask_dir is None:
+        report["cull"] = "skipped: no masks"
+        ctx.log.info("cleanup: no masks, faces are not culled")
+    elif cfg.cull:
+        v, f, votes = cull_by_masks(v, f, views, cfg, ctx)
+        report.update(votes, cull=f"{len(views.cams)} views")
+    if len(f) == 0:
+        raise StageError("cleanup: nothing is left of the mesh after removing components and culling; "
+                         "check the masks (masks stage) or set cleanup.cull=false")
+    v, f, holes = repair_and_close(v, f, cfg.max_hole_edges, ctx.log)
+    v, f, more = remove_small_components(v, f, cfg.min_component_ratio)  # culling and repair split pieces
+    removed += more
+    f, flipped = orient_outward(v, f)
+    faces_before = len(f)
+    v, f = decimate_and_smooth(v, f, cfg.target_faces, cfg.taubin_steps)
+    f, more_flipped = orient_outward(v, f)
+    report.update(holes, components_removed=removed, components_flipped=flipped + more_flipped,
+                  faces_before_decimation=faces_before)
+    colours, seen_share = _colours(v, f, views, raw_v, raw_colours, cfg, ctx)
+    texture = _texture(v, f, views, colours, cfg, ctx) if cfg.texture else None
+    files = write_outputs(out_dir, v, f, colours, texture)
+    report.update(topology(v, f), vertices=len(v), faces=len(f), vertices_seen_share=round(seen_share, 4),
+                  textured=texture is not None, files=files, seconds=round(time.perf_counter() - t0, 3))
+    atomic_write_json(out_dir / "cleanup.json", report)
+    ctx.log.info("cleanup: %d faces, %d components removed, %d culled, %d holes closed, watertight=%s",
+                 len(f), removed, report["faces_culled"], report["holes_closed"], report["watertight"])
+    return report
