@@ -4,7 +4,8 @@ The job file (written by tasks/execute.py) names the stage, its upstream folders
 section, the output folder and the operational context. The summary goes to
 ``<out_dir>/.summary.json``; a failure writes ``<out_dir>/.error.json`` ({"message",
 "kind", "traceback"}) and exits non-zero. CUDA is only ever initialised here, never in the
-Luigi parent.
+Luigi parent. When ``PIPELINE_TRACE_FILE`` is set, the process appends one JSON line to that
+file as it ends: stage, scene, pid, start, end, rc, CUDA_VISIBLE_DEVICES (tests of GPU slots).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -65,5 +67,23 @@ def main(job_path: str) -> int:
         return 4
 
 
+def trace(job_path: str, start: float, rc: int) -> None:
+    """Append this process's JSON line to ``$PIPELINE_TRACE_FILE`` (one short O_APPEND write)."""
+    path = os.environ.get("PIPELINE_TRACE_FILE")
+    if not path:
+        return
+    try:
+        job = json.loads(Path(job_path).read_text())
+    except (OSError, ValueError):
+        job = {}
+    line = json.dumps({"stage": job.get("stage"), "scene": job.get("scene"), "pid": os.getpid(), "start": start,
+                       "end": time.time(), "rc": rc, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    started = time.time()
+    code = main(sys.argv[1])
+    trace(sys.argv[1], started, code)
+    sys.exit(code)

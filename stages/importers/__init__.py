@@ -25,7 +25,10 @@ from pipeline.cameras import Cameras, cv_from_gl, intrinsics
 from pipeline.dag import Context
 from pipeline.errors import InputError
 
-FORMATS = ("neus", "blender", "neuralangelo", "colmap")
+FORMATS = ("neus", "blender", "neuralangelo", "colmap", "omniobject3d_blender", "omniobject3d_video")
+# Formats whose reader is not ``stages.importers.<fmt>.load``: format -> (module, function).
+READERS = {"omniobject3d_blender": ("omniobject3d", "load_blender"),
+           "omniobject3d_video": ("omniobject3d", "load_video")}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MESH_SUFFIXES = (".ply", ".obj", ".stl", ".off", ".glb")
 
@@ -54,8 +57,8 @@ def run(fmt: str, dataset_dir: Path, out_dir: Path, ctx: Context) -> dict:
     root = Path(os.path.abspath(dataset_dir))
     if not root.is_dir():
         raise InputError(f"dataset folder not found: {root}")
-    module = importlib.import_module(f"stages.importers.{fmt}")
-    scene = module.load(root, ctx)
+    module_name, reader = READERS.get(fmt, (fmt, "load"))
+    scene = getattr(importlib.import_module(f"stages.importers.{module_name}"), reader)(root, ctx)
     return write_scene(scene, root, fmt, Path(out_dir), ctx)
 
 
