@@ -26,7 +26,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import file_lock
 from pipeline.log import setup_logging
 
-DATASET_FORMATS = ("neus", "blender", "neuralangelo", "colmap")
+DATASET_FORMATS = ("neus", "blender", "neuralangelo", "colmap", "omniobject3d_blender", "omniobject3d_video")
 
 
 def _scene_name(path: Path) -> str:

@@ -51,7 +51,7 @@ def ping(host: str, port: int, timeout: float = 2.0) -> bool:
 
 def _config(folder: Path) -> Path:
     cfg = folder / "luigi.cfg"
-    lines = ["[scheduler]", f"state_path = {folder / 'state.pickle'}", "retry_count = 0"]
+    lines = ["[scheduler]", f"state_path = {folder / 'state.pickle'}"]
     try:
         import sqlalchemy  # noqa: F401  (task history needs it)
         lines += ["record_task_history = true", "", "[task_history]",

@@ -282,6 +282,8 @@ def write_scene(scene: DatasetScene, root: Path, fmt: str, out_dir: Path, ctx: C
     if _copy_gt(root, out_dir):
         meta["gt"] = "gt"
     summary = scene.finish(out_dir, names) if scene.finish else {}
+    if (out_dir / "gt").is_dir():  # finish() may bring the ground truth (OmniObject3D scans)
+        meta["gt"] = "gt"
     (out_dir / "frames.json").write_text(json.dumps(meta, indent=1) + "\n")
     ctx.log.info("imported %d %s frames (%dx%d), %d masks%s", n, fmt, scene.width, scene.height,
                  num_masks, ", ground truth" if "gt" in meta else "")
