@@ -65,7 +65,7 @@ class MaskConfig:
     fill_holes: bool = opt(True, "fill holes inside the mask")
     grabcut_rounds: int = opt(2, "grabcut: 1 seeded pass + this-1 passes re-seeded from the multi-view silhouette consensus")
     grabcut_iters: int = opt(5, "grabcut: GrabCut iterations per pass")
-    grabcut_max_side: int = opt(800, "grabcut: downscale the object's region to at most this many pixels for GrabCut")
+    grabcut_max_side: int = opt(640, "grabcut: downscale the object's region to at most this many pixels for GrabCut")
     grabcut_hull_res: int = opt(96, "grabcut: voxel resolution of the consensus visual hull")
     consistency_res: int = opt(64, "voxel resolution of the visual hull that flags masks disagreeing with the others")
 
@@ -110,7 +110,8 @@ class TrainConfig:
     grid_base_res: int = opt(16, "coarsest grid resolution")
     grid_max_res: int = opt(2048, "finest grid resolution")
     grid_bound: float = opt(1.0, "the grid covers [-bound, bound]^3 in unit-sphere coordinates")
-    grid_backend: Literal["auto", "torch", "tcnn"] = opt("auto", "hash grid backend (auto: tcnn when it imports, else torch); not in checkpoints")
+    grid_backend: Literal["auto", "torch", "triton", "tcnn"] = opt(
+        "auto", "hash grid backend (auto: tcnn when it imports on CUDA, else torch); checkpoints load in any")
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile the fields (auto: on CUDA only)")
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast of the colour/background MLPs on CUDA (the SDF stays fp32); auto = bf16 on CUDA")
     # coarse-to-fine and numerical gradients

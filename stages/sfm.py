@@ -1,0 +1,219 @@
+"""Stage 2, sfm: frames/ -> camera poses and intrinsics with pycolmap (COLMAP 4.2.1).
+
+SIFT extraction (one shared camera), matching (sequential with loop closure for video,
+exhaustive for photo sets), incremental or global mapping, a final bundle adjustment that
+may refine the principal point, and undistortion to PINHOLE. Outputs: ``sparse/`` (the
+undistorted largest model), ``images/`` (undistorted, names as in frames/images),
+``transforms.json`` and ``sfm.json``. When frames/ carries ``transforms.json`` (a dataset
+importer brought cameras), no mapping runs: points are triangulated with the given poses
+(``stages.sfm_known``). Too few registered frames end the stage with a ``StageError``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.dag import Context
+from pipeline.errors import InputError, StageError
+
+VERSION = "1"
+
+MIN_FRAMES = 3
+FEW_FEATURES = 50  # a frame with fewer SIFT keypoints than this counts as blank / textureless
+WORK = "_work"  # scratch folder inside out_dir (database, raw models); removed on success
+TRY = ("Try: a more textured object or background, more overlap between views (slower camera motion, "
+       "more frames), another sfm.matcher or sfm.mapper, or photos instead of a video.")
+
+
+def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
+    """Reconstruct cameras for ``inputs['frames']`` into ``out_dir``; return the sfm.json summary."""
+    frames_dir, out_dir = Path(inputs["frames"]), Path(out_dir)
+    names, source_kind = read_frames(frames_dir)
+    if (frames_dir / "transforms.json").is_file():
+        from stages.sfm_known import run_known
+
+        return run_known(frames_dir, source_kind, cfg, out_dir, ctx)
+    if len(names) < MIN_FRAMES:
+        raise StageError(f"sfm: {len(names)} frame(s) in {frames_dir}, SfM needs at least {MIN_FRAMES}. "
+                         "Give more photos or a longer video (or lower frames.dedup_threshold).")
+    from stages import sfm_colmap as sc
+
+    sc.quiet_colmap(ctx)
+    work, image_dir = out_dir / WORK, frames_dir / "images"
+    timings: dict[str, float] = {}
+    db = prepare_work(work, ctx)
+    with timed(ctx, "extract", timings, f"SIFT features of {len(names)} frames"):
+        if not (work / "extract.done").exists():
+            sc.extract(db, image_dir, names, cfg, ctx, cfg.camera_model)
+            sc.reset_implausible_focal(db, ctx)
+            (work / "extract.done").touch()
+    counts = sc.feature_counts(db)
+    check_features(names, counts)
+    matcher = resolve_matcher(cfg.matcher, source_kind)
+    pairs = match_all(db, names, matcher, cfg, work, ctx, timings)
+    verified = sc.num_verified_pairs(db)
+    with timed(ctx, "map", timings, f"{cfg.mapper} mapping"):
+        rec, mapping = map_with_fallback(db, image_dir, work, names, cfg, ctx)
+    check_registration(rec, names, counts, verified, cfg)
+    with timed(ctx, "ba", timings, "final bundle adjustment"):
+        rec, ba_report = sc.refine_intrinsics(rec, cfg.refine_principal_point, ctx)
+    distorted = sc.camera_summary(rec)
+    with timed(ctx, "undistort", timings, "undistortion to PINHOLE"):
+        (work / "model").mkdir(exist_ok=True)
+        rec.write(work / "model")
+        sc.undistort(work / "model", image_dir, work / "undistorted", ctx)
+        publish_undistorted(work / "undistorted", out_dir)
+    summary = write_outputs(out_dir, names, rec, timings, extra={
+        "known_cameras": False, "matcher": matcher, "num_pairs": len(pairs), "num_verified_pairs": verified,
+        **mapping, "camera_model": cfg.camera_model, "distorted_cameras": distorted, "final_ba": ba_report,
+        "device": str(sc.colmap_device(ctx)).split(".")[-1],
+        "features_median": int(sorted(counts.values())[len(counts) // 2]) if counts else 0,
+    })
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def match_all(db: Path, names: list[str], matcher: str, cfg: Any, work: Path, ctx: Context,
+              timings: dict) -> list[tuple[int, int]]:
+    """Build the pair list for ``matcher`` and match it (skipped when a killed run had finished it)."""
+    from stages import sfm_colmap as sc
+
+    pairs = (sc.sequential_pairs(len(names), cfg.sequential_overlap, cfg.loop_closure_stride)
+             if matcher == "sequential" else sc.exhaustive_pairs(len(names)))
+    with timed(ctx, "match", timings, f"{matcher} matching, {len(pairs)} pairs"):
+        if not (work / "match.done").exists():
+            sc.match(db, names, pairs, work, ctx)
+            (work / "match.done").touch()
+    return pairs
+
+
+def map_with_fallback(db: Path, image_dir: Path, work: Path, names: list[str], cfg: Any,
+                      ctx: Context) -> tuple[Any, dict]:
+    """Map with ``cfg.mapper``; if incremental mapping leaves frames out and ``cfg.fallback_mapper``,
+    also map globally and keep the model with more registered frames. Returns (model, report)."""
+    from stages import sfm_colmap as sc
+
+    rec, num_models = sc.map_images(db, image_dir, work / "models", cfg.mapper, cfg, len(names), ctx)
+    report = {"mapper": cfg.mapper, "num_models": num_models}
+    n_reg = rec.num_reg_images() if rec is not None else 0
+    if cfg.mapper != "incremental" or not cfg.fallback_mapper or n_reg == len(names):
+        return rec, report
+    ctx.log.info("sfm: incremental mapping registered %d of %d frames; trying the global mapper", n_reg, len(names))
+    alt, alt_models = sc.map_images(db, image_dir, work / "models_global", "global", cfg, len(names), ctx)
+    n_alt = alt.num_reg_images() if alt is not None else 0
+    report["fallback"] = {"incremental_registered": n_reg, "global_registered": n_alt}
+    if n_alt > n_reg:
+        ctx.log.info("sfm: keeping the global model (%d frames registered)", n_alt)
+        return alt, {**report, "mapper": "global", "num_models": alt_models}
+    return rec, report
+
+
+def read_frames(frames_dir: Path) -> tuple[list[str], str]:
+    """Image names (frames.json order) and source kind of a frames/ folder."""
+    path = frames_dir / "frames.json"
+    try:
+        meta = json.loads(path.read_text())
+        names = [Path(f["file"]).name for f in meta["frames"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"sfm: cannot read {path} ({type(exc).__name__}: {exc}); rerun the frames stage") from None
+    missing = [n for n in names if not (frames_dir / "images" / n).is_file()]
+    if missing:
+        raise InputError(f"sfm: {len(missing)} frame(s) listed in {path} are missing from "
+                         f"{frames_dir / 'images'} ({abbreviate(missing)}); rerun the frames stage")
+    return names, str(meta.get("source_kind", "images"))
+
+
+def resolve_matcher(matcher: str, source_kind: str) -> str:
+    if matcher == "auto":
+        return "sequential" if source_kind == "video" else "exhaustive"
+    return matcher
+
+
+def prepare_work(work: Path, ctx: Context) -> Path:
+    """Scratch folder; a killed run's database is reused once its extraction had finished."""
+    db = work / "database.db"
+    if work.exists() and not (work / "extract.done").exists():
+        shutil.rmtree(work)
+    elif work.exists():
+        ctx.log.info("sfm: resuming from the features%s of an earlier run",
+                     " and matches" if (work / "match.done").exists() else "")
+        for sub in ("models", "models_global", "model", "undistorted"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return db
+
+
+@contextmanager
+def timed(ctx: Context, step: str, timings: dict, what: str) -> Iterator[None]:
+    ctx.log.info("sfm: %s: %s ...", step, what)
+    start = time.perf_counter()
+    yield
+    timings[step] = round(time.perf_counter() - start, 3)
+    ctx.log.info("sfm: %s done in %.1f s", step, timings[step])
+
+
+def abbreviate(names: list[str], keep: int = 8) -> str:
+    shown = ", ".join(names[:keep])
+    return shown + (f", ... (+{len(names) - keep} more)" if len(names) > keep else "")
+
+
+def check_features(names: list[str], counts: dict[str, int]) -> None:
+    """Fail early when fewer than MIN_FRAMES frames have usable SIFT features."""
+    textured = [n for n in names if counts.get(n, 0) >= FEW_FEATURES]
+    if len(textured) < MIN_FRAMES:
+        raise StageError(f"sfm: only {len(textured)} of {len(names)} frames have at least {FEW_FEATURES} "
+                         "SIFT features (blank, black or textureless images?); no cameras can be estimated. "
+                         + TRY)
+
+
+def check_registration(rec: Any, names: list[str], counts: dict[str, int], verified: int, cfg: Any) -> None:
+    """StageError when there is no model or too few frames registered in the best one."""
+    blank = [n for n in names if counts.get(n, 0) < FEW_FEATURES]
+    blank_note = (f"; {len(blank)} frame(s) have fewer than {FEW_FEATURES} features ({abbreviate(blank, 4)})"
+                  if blank else "")
+    if rec is None:
+        raise StageError(f"sfm: no reconstruction from {len(names)} frames ({verified} image pairs matched "
+                         f"after geometric verification{blank_note}). " + TRY)
+    registered = {im.name for im in rec.images.values() if im.has_pose}
+    need = cfg.min_registered_ratio * len(names)
+    if len(registered) < max(MIN_FRAMES, need):
+        missing = [n for n in names if n not in registered]
+        raise StageError(f"sfm: only {len(registered)} of {len(names)} frames registered "
+                         f"(need {cfg.min_registered_ratio:.0%}); unregistered: {abbreviate(missing)}{blank_note}. "
+                         + TRY)
+
+
+def publish_undistorted(undist: Path, out_dir: Path) -> None:
+    """Move the undistorter's ``images/`` and ``sparse/`` into the stage folder."""
+    for sub in ("images", "sparse"):
+        target = out_dir / sub
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(undist / sub), str(target))
+
+
+def write_outputs(out_dir: Path, names: list[str], rec_distorted: Any, timings: dict, extra: dict) -> dict:
+    """transforms.json from the undistorted model in ``out_dir/sparse`` and sfm.json; return the summary."""
+    import pycolmap
+
+    from pipeline.cameras import save_transforms
+    from stages import sfm_colmap as sc
+
+    rec = pycolmap.Reconstruction(out_dir / "sparse")
+    cams = sc.reconstruction_cameras(rec, names)
+    save_transforms(out_dir / "transforms.json", cams)
+    stats = sc.model_stats(rec_distorted)
+    registered = {Path(n).name for n in cams.names}
+    summary = {
+        "num_images": len(names), **stats,
+        "unregistered": [n for n in names if n not in registered],
+        "pinhole": {"fl_x": float(cams.K[0, 0, 0]), "fl_y": float(cams.K[0, 1, 1]), "cx": float(cams.K[0, 0, 2]),
+                    "cy": float(cams.K[0, 1, 2]), "w": cams.width, "h": cams.height},
+        **extra, "timings": timings,
+    }
+    (out_dir / "sfm.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
