@@ -1,0 +1,191 @@
+"""Neural SDF quality and speed on a synthetic scene with exact ground truth.
+
+Renders the spot scene (``pipeline.synthetic``, textured ground + dome, GT cameras and masks;
+cached in --workdir), builds the train inputs from the GT (points sampled on the GT mesh as
+SfM points), trains with a preset, meshes with skimage marching cubes and scores Chamfer-L1 and
+F-score (as % of the GT bbox diagonal) of the raw mesh and of its largest component.
+
+    PYTHONPATH=. python benchmarks/train_quality.py --preset fast_cpu --views 24 --width 160 --height 120
+    PYTHONPATH=. python benchmarks/train_quality.py --preset default --views 100 --width 800 --height 600 \\
+        --mc-res 512 --out quality.json                      # GPU target: CD <= 0.3%, F@0.5% >= 0.9
+    ... --generate-only                                      # render the scene (cache) and stop
+    ... --ablation no_mask_loss --ablation no_sfm            # switch parts off (see ABLATIONS)
+
+Prints a markdown table last; JSON to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+ABLATIONS = {
+    "no_mask_loss": {"mask_weight": 0.0},
+    "no_masks": {"mode": "scene"},  # ignore the masks: background field, textured background trained
+    "no_sfm": {"sfm_weight": 0.0},
+    "analytic_gradients": {"gradient_mode": "analytic"},
+    "central6": {"gradient_mode": "central6"},
+    "no_c2f": {"c2f_step": 0},
+    "no_curvature": {"curvature_weight": 0.0},
+}
+
+def ensure_av_stub() -> None:
+    """pipeline.synthetic imports PyAV for video output; photo output never uses it. The GPU
+    image has no PyAV, so a stub lets the renderer import there."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        sys.modules["av"] = types.ModuleType("av")
+
+
+def generate_scene(workdir: Path, views: int, width: int, height: int, seed: int) -> Path:
+    """Render (or reuse) the spot scene; returns its gt/ folder."""
+    ensure_av_stub()
+    from pipeline.synthetic import SceneSpec, generate
+
+    out = workdir / f"spot_{views}v_{width}x{height}_s{seed}"
+    gt = out / "gt"
+    if (gt / "gt.json").is_file() and (gt / "gt_mesh.ply").is_file():
+        return gt
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    generate(out, SceneSpec(num_views=views, width=width, height=height, output="images", background=True, seed=seed))
+    print(f"rendered {views} views {width}x{height} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return gt
+
+
+def train_config(preset: str, overrides: list[str], ablations: list[str], iterations: int | None):
+    import dataclasses
+
+    from pipeline.config import TrainConfig, apply_overrides, load_preset, parse_set
+
+    from train_inputs import FAST_CPU_TRAIN
+
+    cfg = load_preset(preset)
+    if preset == "fast_cpu" and cfg.train == TrainConfig():
+        print("note: configs/fast_cpu.yaml has no train section yet; using tests/train_inputs.FAST_CPU_TRAIN",
+              file=sys.stderr)
+        cfg = apply_overrides(cfg, {"train": FAST_CPU_TRAIN}, source="fallback")
+    changes = {}
+    for name in ablations:
+        changes.update(ABLATIONS[name])
+    if iterations:
+        changes["iterations"] = iterations
+    cfg = apply_overrides(cfg, {"train": changes}, source="--ablation")
+    cfg = apply_overrides(cfg, parse_set(overrides), source="--set")
+    return dataclasses.replace(cfg.train)
+
+
+def score(model_dir: Path, gt_points, diag: float, res: int, device: str, tau: float) -> dict:
+    import numpy as np
+
+    from stages import train
+    from train_inputs import chamfer_fscore, largest_component, mesh_from_sdf, sample_mesh
+
+    t = time.perf_counter()
+    verts, faces = mesh_from_sdf(train.load_sdf(model_dir, device), res)
+    out = {"mesh_seconds": time.perf_counter() - t, "faces": int(len(faces))}
+    for name, (v, f) in (("raw", (verts, faces)), ("largest", largest_component(verts, faces))):
+        cd, fs = chamfer_fscore(sample_mesh(v, f, 200000), gt_points, tau * diag)
+        out[name] = {"chamfer_pct": 100 * cd / diag, "fscore": fs}
+    out["tau_pct"] = 100 * tau
+    out["gt_diag"] = float(diag)
+    out["ok"] = bool(np.isfinite(out["raw"]["chamfer_pct"]))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="fast_cpu")
+    ap.add_argument("--views", type=int, default=24)
+    ap.add_argument("--width", type=int, default=160)
+    ap.add_argument("--height", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scene", choices=["spot", "analytic"], default="spot")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/train_quality"))
+    ap.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    ap.add_argument("--set", action="append", default=[], help="train overrides, e.g. --set train.lr=2e-3")
+    ap.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS))
+    ap.add_argument("--mc-res", type=int, default=256)
+    ap.add_argument("--tau", type=float, default=0.005, help="F-score threshold as a share of the bbox diagonal")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--fresh", action="store_true", help="delete an existing run folder instead of resuming")
+    ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    import numpy as np
+    import torch
+
+    from pipeline.dag import Context
+    from stages.train.stage import run_stage
+    from train_inputs import analytic_scene, from_synthetic
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.scene}_{args.views}v_{args.width}x{args.height}"
+    inputs_root = args.workdir / f"inputs_{tag}"
+    t0 = time.perf_counter()
+    if args.scene == "spot":
+        gt_dir = generate_scene(args.workdir, args.views, args.width, args.height, args.seed)
+        if args.generate_only:
+            return 0
+        shutil.rmtree(inputs_root, ignore_errors=True)
+        inputs, gt_points = from_synthetic(gt_dir, inputs_root)
+    else:
+        shutil.rmtree(inputs_root, ignore_errors=True)
+        inputs, gt_points = analytic_scene(inputs_root, args.views, args.width, args.height)
+    prep = time.perf_counter() - t0
+    cfg = train_config(args.preset, args.set, args.ablation, args.iterations)
+    run_dir = args.workdir / f"run_{tag}_{args.preset}{''.join('_' + a for a in args.ablation)}"
+    if args.fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    ctx = Context(scene=tag, device=device, progress=True, threads=args.threads, log=logging.getLogger("bench"))
+    t = time.perf_counter()
+    summary = run_stage(inputs, cfg, run_dir, ctx)
+    train_wall = time.perf_counter() - t
+    info = json.loads((run_dir / "train.json").read_text())
+    diag = float(np.linalg.norm(gt_points.max(0) - gt_points.min(0)))
+    quality = score(run_dir, gt_points, diag, args.mc_res, device, args.tau)
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "device": device,
+              "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "prep_seconds": prep,
+              "train_wall_seconds": train_wall, "train_seconds": info["wall_seconds"], "summary": summary,
+              "peak_gpu_memory_gb": info["peak_gpu_memory_gb"], "samples_per_second": info["samples_per_second"],
+              "holdout_psnr": info["holdout_psnr"], "train_psnr": info["train_psnr"], "quality": quality,
+              "config": {k: v for k, v in vars(cfg).items()}}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    print_table(result, args)
+    return 0
+
+
+def print_table(r: dict, args) -> None:
+    q = r["quality"]
+    mem = r["peak_gpu_memory_gb"]
+    print(f"\ntrain quality: {args.scene} {args.views} views {args.width}x{args.height}, preset {args.preset}"
+          f"{' + ' + ', '.join(args.ablation) if args.ablation else ''}, device {r['gpu'] or r['device']}, "
+          f"marching cubes {args.mc_res}^3\n")
+    print(f"| mesh | Chamfer-L1 (% diag) | F@{q['tau_pct']:.2g}% | train s | steps | samples/s | peak GB | "
+          "PSNR train / held-out |")
+    print("|---|---|---|---|---|---|---|---|")
+    mem_s = "-" if mem is None else f"{mem:.2f}"
+    held = "-" if r["holdout_psnr"] is None else f"{r['holdout_psnr']:.2f}"
+    for name in ("raw", "largest"):
+        m = q[name]
+        print(f"| {name} | {m['chamfer_pct']:.3f} | {m['fscore']:.3f} | {r['train_seconds']:.0f} | "
+              f"{r['summary']['iterations']} | {r['samples_per_second']:.3g} | {mem_s} | "
+              f"{r['train_psnr']:.2f} / {held} |")
+
+if __name__ == "__main__":
+    sys.exit(main())
