@@ -22,9 +22,10 @@ from pipeline.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def opt(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and a one-line doc (shown by ``config --help``)."""
-    return field(default=default, metadata={"doc": doc})
+def opt(default: Any, doc: str, path: bool = False) -> Any:
+    """A dataclass field with a default and a one-line doc. ``path=True`` marks a file path:
+    the cache key then uses the file's content fingerprint, never the path itself."""
+    return field(default=default, metadata={"doc": doc, "path": path})
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,12 @@ class SfmConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     method: Literal["auto", "rembg", "grabcut", "provided", "none"] = opt("auto", "how object masks are made")
-    model: str = opt("isnet-general-use", "rembg model name")
-    model_path: str = opt("", "path of a custom ONNX segmentation model (u2net signature)")
+    model: str = opt("isnet-general-use", "rembg model name; with model_path: u2net_custom (default), dis_custom or ben_custom")
+    model_path: str = opt("", "path of a custom ONNX segmentation model, anywhere on disk (u2net signature unless masks.model says otherwise)", path=True)
     dilate_px: int = opt(0, "dilate masks by this many pixels after clean-up")
     keep_components: int = opt(1, "keep this many largest connected components")
     fill_holes: bool = opt(True, "fill holes inside the mask")
-    grabcut_rounds: int = opt(2, "grabcut: 1 seeded pass + this-1 passes re-seeded from the multi-view silhouette consensus")
+    grabcut_rounds: int = opt(2, "grabcut: passes; 1 = seeded pass only, each more redoes masks that spill outside the multi-view consensus")
     grabcut_iters: int = opt(5, "grabcut: GrabCut iterations per pass")
     grabcut_max_side: int = opt(640, "grabcut: downscale the object's region to at most this many pixels for GrabCut")
     grabcut_hull_res: int = opt(96, "grabcut: voxel resolution of the consensus visual hull")
@@ -237,6 +238,10 @@ def canonical_json(obj: Any) -> str:
     if dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def path_fields(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section]) if f.metadata.get("path")]
 
 
 def field_docs(section: str) -> dict[str, str]:

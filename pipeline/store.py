@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import PipelineConfig, canonical_json
+from pipeline.config import PipelineConfig, canonical_json, path_fields
 from pipeline.dag import STAGES, UPSTREAM, Source, closure
 from pipeline.errors import InputError, PipelineError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file
@@ -94,6 +94,15 @@ def source_fingerprint(source: Source) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def key_section(cfg: PipelineConfig, stage: str) -> dict:
+    """The config section as hashed: file paths are replaced by their content fingerprint."""
+    section = dataclasses.asdict(cfg.section(stage))
+    for name in path_fields(stage):
+        if section[name]:
+            section[name] = "sha256:" + fingerprint_path(Path(section[name]).expanduser())
+    return section
+
+
 def make_plan(scene: str, source: Source, cfg: PipelineConfig, until: str) -> dict:
     """Compute every stage key for one scene up to ``until``; the plan is what tasks run from."""
     avail = available_stages()
@@ -103,7 +112,7 @@ def make_plan(scene: str, source: Source, cfg: PipelineConfig, until: str) -> di
     keys: dict[str, str] = {}
     for stage in closure(until):
         upstream = {up: keys[up] for up in UPSTREAM[stage]}
-        keys[stage] = stage_key(stage, stage_version(stage), dataclasses.asdict(cfg.section(stage)),
+        keys[stage] = stage_key(stage, stage_version(stage), key_section(cfg, stage),
                                 upstream, fingerprint if not UPSTREAM[stage] else "")
     return {"scene": scene, "source": dataclasses.asdict(source), "config": cfg.to_dict(),
             "until": until, "keys": keys}

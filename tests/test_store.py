@@ -104,3 +104,18 @@ def test_partial_with_manifest_is_committed_not_recomputed(tmp_path, photos):
     store.write_manifest(partial, "frames", plan["keys"]["frames"], plan["config"], {}, 0.0)
     run_stage(plan, "frames", tmp_path, {"progress": False})
     assert (final / "marker").read_text() == "x"
+
+
+def test_model_path_is_keyed_by_content_not_path(photos, tmp_path):
+    src = Source("images", str(photos))
+    a, b = tmp_path / "a" / "m.onnx", tmp_path / "b" / "other.onnx"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(b"model-bytes")
+    key = lambda p: store.key_section(load_config("default", [f"masks.model_path={p}"]), "masks")  # noqa: E731
+    assert key(a) == key(b) and str(a) not in json.dumps(key(a))
+    b.write_bytes(b"other-model")
+    assert key(a) != key(b)
+    from pipeline.errors import InputError
+    with pytest.raises(InputError, match="missing.onnx"):
+        key(tmp_path / "missing.onnx")

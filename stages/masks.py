@@ -1,0 +1,240 @@
+"""Stage 3, masks: one object mask per undistorted SfM image -> ``masks/<stem>.png`` + ``masks.json``.
+
+Methods (``masks.method``): ``provided`` (masks that came with the dataset, frames/masks/),
+``rembg`` (an ONNX segmentation model, ``masks_rembg``), ``grabcut`` (no model; seeded from
+the SfM points and refined by multi-view consensus, ``masks_grabcut``), ``none``, and
+``auto`` = provided > rembg when its model is on disk > grabcut. Masks are written one by one
+atomically; a rerun keeps every valid mask already in ``out_dir``. Computed masks are cleaned
+(largest components, holes, dilation: ``masks_post.clean_mask``); provided masks are only
+dilated. Finally a visual hull of all masks flags frames that disagree with the others
+(``masks_post.consistency``).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.cameras import Cameras, load_transforms
+from pipeline.dag import Context
+from pipeline.errors import InputError, StageError
+from pipeline.fsutil import atomic_write_json
+from pipeline.log import progress
+from stages import masks_post as post
+
+VERSION = "1"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+WORK_DIR = "_grabcut_work"
+CONSISTENCY_SIDE = 400  # masks are downscaled to this long side for the consistency check
+
+
+def list_views(sfm_dir: Path) -> tuple[list[str], list[Path], Cameras | None]:
+    """Stems and image paths of the undistorted images (transforms.json order when present)."""
+    img_dir = sfm_dir / "images"
+    tf = sfm_dir / "transforms.json"
+    if tf.is_file():
+        cams = load_transforms(tf)
+        paths = []
+        for name in cams.names:
+            p = sfm_dir / name
+            paths.append(p if p.is_file() else img_dir / Path(name).name)
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise InputError(f"masks: {len(missing)} images named in {tf} are missing (first: {missing[0]})")
+        if image_shape(paths[0]) != (cams.height, cams.width):
+            raise InputError(f"masks: {paths[0]} is {image_shape(paths[0])[::-1]} but {tf} says "
+                             f"{cams.width}x{cams.height}; the sfm stage output is inconsistent")
+        return [p.stem for p in paths], paths, cams
+    paths = sorted(p for p in img_dir.glob("*") if p.suffix.lower() in IMAGE_EXTS) if img_dir.is_dir() else []
+    if not paths:
+        raise InputError(f"masks: no images in {img_dir}; the sfm stage output is incomplete")
+    return [p.stem for p in paths], paths, None
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError(f"masks: cannot read image {path}")
+    return np.ascontiguousarray(img[..., ::-1])
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def provided_dir(frames_dir: Path | None) -> Path | None:
+    d = frames_dir / "masks" if frames_dir is not None else None
+    return d if d is not None and d.is_dir() and any(d.glob("*.png")) else None
+
+
+def resolve_method(cfg: Any, frames_dir: Path | None, log) -> str:
+    """``auto``: provided masks, else rembg when its model is on disk, else grabcut (warned)."""
+    from stages.masks_rembg import local_model, model_file
+
+    if cfg.method != "auto":
+        if cfg.method == "provided" and provided_dir(frames_dir) is None:
+            raise InputError("masks.method=provided but the frames stage holds no masks/ folder; use "
+                             "--set masks.method=rembg or --set masks.method=grabcut")
+        return cfg.method
+    if provided_dir(frames_dir) is not None:
+        return "provided"
+    if local_model(cfg.model, cfg.model_path) is not None:
+        return "rembg"
+    log.warning("masks: no dataset masks and no rembg model on disk: using grabcut (lower quality). "
+                "For better masks put %s.onnx at %s or pass --set masks.model_path=/path/to/model.onnx",
+                cfg.model, model_file(cfg.model))
+    return "grabcut"
+
+
+def load_provided(src: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A dataset mask resampled to ``shape`` (linear, then threshold at 127)."""
+    import cv2
+
+    img = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputError(f"masks: cannot read provided mask {src}")
+    if img.ndim == 3:
+        img = img[..., 3] if img.shape[2] == 4 else img.max(axis=2)
+    if img.dtype != np.uint8:
+        img = (img.astype(np.float64) * 255.0 / max(float(np.iinfo(img.dtype).max), 1.0)).astype(np.uint8) \
+            if np.issubdtype(img.dtype, np.integer) else (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    if img.shape != tuple(shape):
+        img = cv2.resize(img, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return img > 127
+
+
+def _clear_temp_files(mask_dir: Path) -> None:
+    for p in mask_dir.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _per_frame(stems: list[str], todo: list[int], predict: Callable[[int], np.ndarray], finish, bar) -> None:
+    """Compute and write the masks of ``todo`` one at a time (a kill loses one frame at most)."""
+    for i in bar(todo):
+        finish(stems[i], predict(i))
+
+
+def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
+    start = time.perf_counter()
+    log = ctx.log
+    out_dir = Path(out_dir)
+    sfm_dir, frames_dir = Path(inputs["sfm"]), Path(inputs["frames"]) if inputs.get("frames") else None
+    method = resolve_method(cfg, frames_dir, log)
+    summary: dict = {"method": method, "requested": cfg.method, "model": None}
+    if method == "none":
+        shutil.rmtree(out_dir / "masks", ignore_errors=True)
+        atomic_write_json(out_dir / "masks.json", {**summary, "num_frames": 0, "frames": []})
+        log.info("masks: method none; training runs in scene mode")
+        return summary
+    if ctx.threads > 0:
+        import cv2
+
+        cv2.setNumThreads(ctx.threads)
+    stems, paths, cams = list_views(sfm_dir)
+    shapes = [(cams.height, cams.width) if cams is not None else image_shape(p) for p in paths]
+    mask_dir = out_dir / "masks"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    _clear_temp_files(mask_dir)
+    final = {s: post.read_mask(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)}
+    todo = [i for i, s in enumerate(stems) if final[s] is None]
+    reused = len(stems) - len(todo)
+    if reused:
+        log.info("masks: reusing %d finished masks, computing %d", reused, len(todo))
+
+    def finish(stem: str, mask: np.ndarray, clean: bool = True) -> None:
+        if clean:
+            mask = post.clean_mask(mask, cfg.keep_components, cfg.fill_holes, cfg.dilate_px)
+        post.write_mask(mask_dir / f"{stem}.png", mask)
+
+    def bar(it):
+        return progress(it, ctx.progress, desc=f"masks ({method})", unit="frame")
+
+    summary.update(_compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, todo, final,
+                            finish, bar, out_dir))
+    masks = [post.read_mask(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)]
+    if any(m is None for m in masks):
+        raise StageError("masks: some masks were not written; rerun the stage")
+    frames = _consistency(stems, masks, cams, cfg, log)
+    elapsed = time.perf_counter() - start
+    summary.update(num_frames=len(stems), reused=reused, computed=len(todo),
+                   flagged=[f["name"] for f in frames if f["flags"]],
+                   mean_coverage=round(float(np.mean([f["coverage"] for f in frames])), 5),
+                   seconds=round(elapsed, 3), seconds_per_frame=round(elapsed / max(len(todo), 1), 4))
+    atomic_write_json(out_dir / "masks.json", {**summary, "frames": frames})
+    return summary
+
+
+def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, todo, final, finish, bar,
+             out_dir) -> dict:
+    """Produce the missing masks with ``method``; returns method details for masks.json."""
+    if method == "provided":
+        src = provided_dir(frames_dir)
+        missing = [stems[i] for i in todo if not (src / f"{stems[i]}.png").is_file()]
+        if missing:
+            raise InputError(f"masks: {len(missing)} images have no provided mask in {src} (first: "
+                             f"{missing[0]}.png); use --set masks.method=rembg or grabcut")
+        _per_frame(stems, todo, lambda i: load_provided(src / f"{stems[i]}.png", shapes[i]),
+                   lambda s, m: finish(s, post.dilate(m, cfg.dilate_px), clean=False), bar)
+        return {"source": str(src.relative_to(frames_dir.parent)) if frames_dir else str(src)}
+    if method == "rembg":
+        from pipeline.fsutil import sha256_file
+        from stages import masks_rembg
+
+        info: dict = {"model": Path(cfg.model_path).name if cfg.model_path else cfg.model}
+        if todo:
+            ctx.log.info("masks: loading rembg (the first import in a fresh environment takes ~50 s: numba)")
+            session, provider = masks_rembg.open_session(cfg.model, cfg.model_path, ctx.threads, ctx.log)
+            info["provider"] = provider
+            _per_frame(stems, todo, lambda i: masks_rembg.predict(session, load_rgb(paths[i])), finish, bar)
+        local = masks_rembg.local_model(cfg.model, cfg.model_path)
+        if local is not None:
+            info["model_sha256"] = sha256_file(local)
+        return info
+    if method == "grabcut":
+        from stages import masks_grabcut
+
+        obj = np.zeros((0, 3))
+        if todo and cams is not None:
+            obj = masks_grabcut.select_object_points(masks_grabcut.load_points(sfm_dir, cams, ctx.log), cams,
+                                                     log=ctx.log)
+        work = out_dir / WORK_DIR
+        info = {"seed_points": int(len(obj)), "rounds": int(cfg.grabcut_rounds), "repaired": 0}
+        if todo:
+            info.update(masks_grabcut.compute(stems, lambda i: load_rgb(paths[i]), shapes, cams, obj, cfg, work,
+                                              final, finish, ctx.log, bar))
+        shutil.rmtree(work, ignore_errors=True)
+        return info
+    raise StageError(f"masks: unknown method {method!r}")
+
+
+def _consistency(stems, masks, cams: Cameras | None, cfg, log) -> list[dict]:
+    """Per-frame coverage and disagreement flags, on masks downscaled to CONSISTENCY_SIDE."""
+    import cv2
+
+    small, scaled = masks, cams
+    side = max(masks[0].shape)
+    if side > CONSISTENCY_SIDE:
+        s = CONSISTENCY_SIDE / side
+        small = [cv2.resize(m.astype(np.uint8), (max(1, round(m.shape[1] * s)), max(1, round(m.shape[0] * s))),
+                            interpolation=cv2.INTER_AREA) > 0 for m in masks]
+        if cams is not None:
+            K = cams.K.copy()
+            K[:, :2] *= s
+            scaled = Cameras(cams.names, K, cams.c2w, small[0].shape[1], small[0].shape[0])
+    recs = post.consistency(small, scaled, res=int(cfg.consistency_res))
+    frames = [{"name": s, "file": f"masks/{s}.png", **r} for s, r in zip(stems, recs)]
+    for f, m in zip(frames, masks):
+        f["coverage"] = round(float(m.mean()), 5)
+    bad = [f["name"] for f in frames if f["flags"]]
+    if bad:
+        log.warning("masks: %d frames disagree with the others (%s): %s", len(bad),
+                    "see masks.json flags", ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
+    return frames
