@@ -169,6 +169,14 @@ def reference_cameras(scene: EvalScene) -> tuple[Path, list[tuple[int, int]]]:
     return path, gt_view_pairs(scene.frames_meta, scene.cams.names, load_transforms(path).names)
 
 
+def gt_is_unaligned(gt_dir: Path) -> bool:
+    """``gt.json`` says ``"aligned": false`` when the GT mesh is not in the cameras' world frame."""
+    try:
+        return json.loads((gt_dir / "gt.json").read_text()).get("aligned", True) is False
+    except (OSError, ValueError):
+        return False
+
+
 def align_cameras(scene: EvalScene) -> tuple[np.ndarray, dict]:
     """Similarity SfM world -> GT world fitted on camera centres (Umeyama), and its description.
 
@@ -216,6 +224,7 @@ def evaluate_geometry(scene: EvalScene, cfg: Any, ctx: Context) -> tuple[dict, d
         return {"available": False, "reason": "the reconstructed mesh is empty"}, {"method": "none"}
     try:
         T, alignment = align_cameras(scene)
+        unaligned = gt_is_unaligned(scene.gt_dir)
     except LookupError as exc:
         ctx.log.warning("evaluate: cannot align to ground truth: %s", exc)
         return {"available": False, "reason": f"cannot align to ground truth: {exc}"}, {"method": "none"}
@@ -228,8 +237,15 @@ def evaluate_geometry(scene: EvalScene, cfg: Any, ctx: Context) -> tuple[dict, d
         trimesh.Trimesh(scene.vertices, scene.faces, process=False), n, seed=cfg.seed + 1)[0])
     geometry = {"available": True, "gt_mesh": gt_path.relative_to(scene.gt_dir.parent).as_posix(),
                 "bbox_diagonal": diag, "num_samples": n}
+    if unaligned:  # the GT mesh is not in the cameras' frame (OmniObject3D video scans)
+        sub = pred_local[np.random.default_rng(cfg.seed).permutation(n)[:ICP_POINTS // 4]]
+        T_shape, icp = M.align_by_shape(M.transform_points(T, sub), gt_pts[:ICP_POINTS // 4])
+        T = T_shape @ T
+        alignment.update(method="shape_icp_with_scale", icp=icp,
+                         note="the ground truth is not registered to the cameras: scored after a similarity "
+                              "fitted by ICP (24 axis-rotation starts), which can hide a global scale or pose error")
     geometry.update(_score(M.transform_points(T, pred_local), gt_pts, cfg, diag))
-    if alignment["method"] != "identity" and cfg.icp_iterations > 0:
+    if alignment["method"] not in ("identity", "shape_icp_with_scale") and cfg.icp_iterations > 0:
         sub = pred_local[np.random.default_rng(cfg.seed).permutation(n)[:ICP_POINTS]]
         T_icp, icp = M.icp_refine(sub, gt_pts, T, cfg.icp_iterations)
         angle, shift = M.motion_size(T_icp @ np.linalg.inv(T))

@@ -105,7 +105,7 @@ def similarity_scale(T: np.ndarray) -> float:
 
 
 def icp_refine(src: np.ndarray, dst: np.ndarray, init: np.ndarray, iterations: int = 20,
-               trim: float = 0.8, tol: float = 1e-7) -> tuple[np.ndarray, dict]:
+               trim: float = 0.8, tol: float = 1e-7, with_scale: bool = False) -> tuple[np.ndarray, dict]:
     """Trimmed rigid ICP: refine similarity ``init`` (src -> dst) by rigid updates.
 
     Each step pairs every transformed src point with its nearest dst point, keeps the ``trim``
@@ -124,13 +124,50 @@ def icp_refine(src: np.ndarray, dst: np.ndarray, init: np.ndarray, iterations: i
         keep = dist <= np.quantile(dist, trim)
         rmse = float(np.sqrt(np.mean(dist[keep] ** 2)))
         rmse_first = rmse if rmse_first is None else rmse_first
-        step = umeyama(moved[keep], dst[idx[keep]], with_scale=False)
+        step = umeyama(moved[keep], dst[idx[keep]], with_scale=with_scale)
         T = step @ T
         if np.linalg.norm(step - np.eye(4)) < tol:
             break
     dist, _ = tree.query(transform_points(T, src), k=1, workers=-1)
     rmse_after = float(np.sqrt(np.mean(np.sort(dist)[: max(1, int(trim * len(dist)))] ** 2)))
     return T, {"iterations": done, "rmse_before": rmse_first, "rmse_after": rmse_after}
+
+
+def cube_rotations() -> list[np.ndarray]:
+    """The 24 proper rotations that map the coordinate axes onto themselves."""
+    import itertools
+
+    out = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            R = np.zeros((3, 3))
+            R[range(3), perm] = signs
+            if np.linalg.det(R) > 0:
+                out.append(R)
+    return out
+
+
+def align_by_shape(src: np.ndarray, dst: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, dict]:
+    """Similarity src -> dst with no correspondences: centroids and RMS radii give the start;
+    the principal axes of src are mapped onto those of dst in each of the 24 axis orders and
+    signs, each start is refined by scaled trimmed ICP, and the best fit wins."""
+    c_src, c_dst = src.mean(0), dst.mean(0)
+    scale = np.sqrt(((dst - c_dst) ** 2).sum(1).mean() / ((src - c_src) ** 2).sum(1).mean())
+    axes_src = np.linalg.svd(src - c_src, full_matrices=False)[2].T  # columns: principal axes
+    axes_dst = np.linalg.svd(dst - c_dst, full_matrices=False)[2].T
+    for axes in (axes_src, axes_dst):
+        if np.linalg.det(axes) < 0:
+            axes[:, 2] *= -1
+    best = None
+    for P in cube_rotations():
+        R = axes_dst @ P @ axes_src.T
+        T0 = np.eye(4)
+        T0[:3, :3] = scale * R
+        T0[:3, 3] = c_dst - scale * R @ c_src
+        T, info = icp_refine(src, dst, T0, iterations, with_scale=True)
+        if best is None or info["rmse_after"] < best[1]["rmse_after"]:
+            best = (T, info)
+    return best
 
 
 def motion_size(T: np.ndarray) -> tuple[float, float]:

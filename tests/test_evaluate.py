@@ -318,3 +318,22 @@ def test_photo_frames_map_to_gt_views_by_file_name():
     gt_names = [f"images/{j:06d}.png" for j in range(12)]
     pairs = evaluate.gt_view_pairs(meta, ["images/000001.jpg", "images/000000.jpg"], gt_names)
     assert pairs == [(0, 9), (1, 4)]
+
+
+def test_align_by_shape_recovers_an_unknown_similarity():
+    """OmniObject3D video scans are not registered to the cameras: shape-only alignment."""
+    from scipy.spatial.transform import Rotation
+
+    import trimesh
+    from stages import metrics as M
+    root = Path(__file__).resolve().parents[1]
+    mesh = trimesh.load(str(root / "pipeline" / "assets" / "spot" / "spot_triangulated.obj"), force="mesh")
+    gt = np.asarray(trimesh.sample.sample_surface(mesh, 4000, seed=0)[0])
+    T = np.eye(4)
+    T[:3, :3] = 2.5 * Rotation.from_euler("xyz", [20, -35, 110], degrees=True).as_matrix()
+    T[:3, 3] = [0.3, -1.0, 2.0]
+    src = M.transform_points(np.linalg.inv(T), np.asarray(trimesh.sample.sample_surface(mesh, 4000, seed=1)[0]))
+    found, info = M.align_by_shape(src, gt)
+    err = np.linalg.norm(M.transform_points(found, src) - M.transform_points(T, src), axis=1)
+    diag = np.linalg.norm(gt.max(0) - gt.min(0))
+    assert np.median(err) < 0.01 * diag, (np.median(err) / diag, info)
