@@ -3,7 +3,9 @@
     PYTHONPATH=. python benchmarks/hashgrid.py --out hashgrid.json            # Neuralangelo size, N = 2^20
     PYTHONPATH=. python benchmarks/hashgrid.py --tiny --out /tmp/hg.json      # CPU smoke test
 
-Backends: torch eager, torch compiled (``torch.compile``), tcnn (only if tinycudann imports).
+Backends: torch eager, torch compiled (``torch.compile``), triton (stages/train/hashgrid_triton.py;
+CUDA) alone and under ``torch.compile`` (the MLP compiled around the custom op), tcnn (only if
+tinycudann imports).
 Also a full SDF step (x + numerical-gradient taps through grid and 1x256 MLP, eikonal +
 curvature, backward) per backend, in samples/s. Prints a markdown table last; JSON to --out.
 """
@@ -46,10 +48,14 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
     return sorted(times)[len(times) // 2], peak
 
 
+GRID_BACKEND = {"eager": "torch", "compiled": "torch", "triton": "triton", "triton_compiled": "triton",
+                "tcnn": "tcnn"}
+
+
 def grid_case(spec: GridSpec, backend: str, n: int, device, repeats: int) -> dict:
-    grid = HashGrid(spec, "tcnn" if backend == "tcnn" else "torch").to(device)
+    grid = HashGrid(spec, GRID_BACKEND[backend]).to(device)
     call = grid
-    if backend == "compiled":
+    if backend.endswith("compiled"):
         call = torch.compile(grid, dynamic=False)
     x = torch.rand(n, 3, device=device)
     w = torch.randn(n, spec.out_dim, device=device)
@@ -76,8 +82,8 @@ class TinySdf(torch.nn.Module):
 
 
 def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str) -> dict:
-    model = TinySdf(spec, 256, "tcnn" if backend == "tcnn" else "torch").to(device)
-    field = torch.compile(model, dynamic=False) if backend == "compiled" else model
+    model = TinySdf(spec, 256, GRID_BACKEND[backend]).to(device)
+    field = torch.compile(model, dynamic=False) if backend.endswith("compiled") else model
     x = torch.rand(n, 3, device=device) * 1.2 - 0.6
 
     def step():
@@ -99,6 +105,18 @@ def run_case(fn, *args) -> dict:
         return {"case": fn.__name__, "backend": args[1], "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
+def available(backend: str, device) -> bool:
+    if backend == "tcnn":
+        return device.type == "cuda" and tcnn_available()
+    if backend.startswith("triton"):
+        try:
+            import stages.train.hashgrid_triton  # noqa: F401
+        except ImportError:
+            return False
+        return device.type == "cuda"
+    return backend in GRID_BACKEND
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-res", type=int, default=32)
     ap.add_argument("--max-res", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--backends", default="eager,compiled,tcnn")
+    ap.add_argument("--backends", default="eager,compiled,triton,triton_compiled,tcnn")
     ap.add_argument("--taps", nargs="+", default=["tetra4", "central6"])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test sizes")
     ap.add_argument("--out", type=Path, default=None)
@@ -119,7 +137,7 @@ def main(argv=None) -> int:
         args.n, args.sdf_n, args.levels, args.log2_table, args.max_res, args.base_res, args.repeats = \
             4096, 2048, 8, 14, 256, 16, 2
     device = torch.device(args.device)
-    backends = [b for b in args.backends.split(",") if b != "tcnn" or (device.type == "cuda" and tcnn_available())]
+    backends = [b for b in args.backends.split(",") if available(b, device)]
     rows = []
     for f in args.features:
         spec = GridSpec(args.levels, f, args.log2_table, args.base_res, args.max_res)
