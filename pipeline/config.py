@@ -84,24 +84,27 @@ class SfmPointsConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Neural SDF training (stages/train). Defaults are the quality preset for one GPU."""
-    iterations: int = opt(20000, "optimisation steps")
+    iterations: int = opt(15000, "optimisation steps")
     seed: int = opt(0, "random seed (torch, numpy, python)")
     mode: Literal["auto", "object", "scene"] = opt(
         "auto", "object: masks, background colour, mask loss; scene: no masks, background field; auto: object when masks exist")
     holdout_every: int = opt(8, "hold out every Nth view from training (0 = train on all); train.json reports their PSNR")
     holdout_eval_views: int = opt(4, "render at most this many held-out views at the end for train.json (0 = none)")
     # rays and sampling
-    batch_rays: int = opt(4096, "rays per step")
+    batch_rays: int = opt(8192, "rays per step")
     views_per_batch: int = opt(16, "views the rays of one step come from (the SfM loss uses their points)")
     mask_ray_fraction: float = opt(0.5, "object mode: share of rays drawn inside the masks (the rest anywhere)")
-    samples_per_ray: int = opt(32, "foreground samples per ray, placed by the occupancy grid")
+    samples_per_ray: int = opt(16, "foreground samples per ray, placed by the occupancy grid")
     ray_candidates: int = opt(256, "occupancy look-ups per ray that decide where the samples go")
     occ_resolution: int = opt(128, "occupancy grid resolution over [-1, 1]^3")
     occ_update_every: int = opt(16, "refresh the occupancy grid from the SDF every this many steps")
+    occ_warmup_steps: int = opt(500, "no empty-space skipping (uniform samples) for this many steps")
     occ_margin_cells: float = opt(1.5, "a cell is occupied when |SDF| < this x half its diagonal + occ_margin_s / inv_s")
     occ_margin_s: float = opt(6.0, "NeuS density width term of the occupancy threshold (in 1/inv_s)")
     occ_empty_weight: float = opt(0.02, "sample density of empty space relative to occupied space")
     bg_samples: int = opt(32, "scene mode: background samples per ray outside the unit sphere")
+    bg_max_res: int = opt(128, "scene mode: finest level of the background hash grid (contracted space); "
+                          "kept coarse so the background cannot fake what lies inside the sphere")
     background_color: Literal["random", "white", "black"] = opt(
         "random", "object mode: colour behind the object (target pixels outside the mask are replaced by it)")
     # hash grid
@@ -117,7 +120,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast of the colour/background MLPs on CUDA (the SDF stays fp32); auto = bf16 on CUDA")
     # coarse-to-fine and numerical gradients
     c2f_init_levels: int = opt(4, "hash levels active at the start")
-    c2f_step: int = opt(800, "activate one more level every this many steps (0 = all levels from the start)")
+    c2f_step: int = opt(700, "activate one more level every this many steps (0 = all levels from the start)")
     gradient_mode: Literal["tetra4", "central6", "analytic"] = opt(
         "tetra4", "normals: 4-tap tetrahedral (Neuralangelo), 6-tap central differences, or autograd")
     eps_start_cells: float = opt(1.0, "finite-difference step in cells of the finest active level at the start")
@@ -129,7 +132,7 @@ class TrainConfig:
     init_radius: float = opt(0.5, "geometric init: the SDF starts as a sphere of this radius")
     weight_norm: bool = opt(True, "weight normalisation in the SDF and colour MLPs")
     color_layers: int = opt(4, "hidden layers of the colour MLP (IDR style: x, view dir, normal, feature)")
-    color_hidden: int = opt(128, "width of the colour MLP")
+    color_hidden: int = opt(256, "width of the colour MLP")
     sh_levels: int = opt(4, "spherical-harmonics levels of the view direction (levels^2 values, at most 4)")
     inv_s_init: float = opt(20.0, "initial NeuS inverse standard deviation (learned)")
     cos_anneal_steps: int = opt(2000, "NeuS cos annealing from 0 to 1 over this many steps (0 = off)")
@@ -144,10 +147,10 @@ class TrainConfig:
     sfm_loss_steps: int = opt(5000, "the SfM-point loss weight decays linearly to 0 over this many steps")
     sfm_points_per_view: int = opt(64, "SfM points drawn per batch view for the SfM-point loss")
     # optimiser
-    lr: float = opt(1e-3, "AdamW learning rate of the MLPs and inv_s")
-    lr_grid_mult: float = opt(10.0, "hash grid learning rate = lr x this")
+    lr: float = opt(2e-3, "AdamW learning rate of the MLPs (and base of the other groups)")
+    lr_grid_mult: float = opt(5.0, "hash grid learning rate = lr x this")
     lr_inv_s_mult: float = opt(1.0, "learning rate of the NeuS inverse standard deviation = lr x this (no weight decay)")
-    weight_decay: float = opt(1e-2, "AdamW weight decay (all parameters)")
+    weight_decay: float = opt(1e-2, "AdamW weight decay (every parameter but inv_s)")
     adam_eps: float = opt(1e-15, "AdamW epsilon")
     warmup_steps: int = opt(500, "linear learning-rate warm-up")
     lr_decay: Literal["exp", "two_steps"] = opt(

@@ -1,0 +1,133 @@
+"""Load the training inputs from the upstream stage folders and move them to the unit sphere.
+
+sfm/: ``images/<name>`` (undistorted); masks/: ``masks/<stem>.png`` + ``masks.json`` (method
+"none" = no masks); sfm_points/: ``scene.json`` (world_to_unit similarity), ``transforms.json``
+(cameras, frame order = CSR order), ``points.npy`` and the CSR ``view_offsets/view_indices``.
+Cameras become unit-sphere camera-to-world matrices (OpenCV axes, orthonormal rotation).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cameras import load_transforms
+from pipeline.errors import InputError
+
+
+@dataclass
+class SceneData:
+    names: list[str]
+    images: np.ndarray  # (N, H, W, 3) uint8
+    masks: np.ndarray | None  # (N, H, W) bool, None in scene mode
+    K: np.ndarray  # (N, 3, 3)
+    c2w: np.ndarray  # (N, 4, 4) unit-sphere coordinates, OpenCV axes
+    points: np.ndarray  # (M, 3) float32 unit coordinates
+    view_offsets: np.ndarray  # (N + 1,) int64
+    view_indices: np.ndarray  # int64
+    world_to_unit: np.ndarray
+    unit_to_world: np.ndarray
+    scene: dict = field(default_factory=dict)
+    views_with_masks: np.ndarray | None = None  # (N,) bool, object mode
+
+    @property
+    def height(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.images.shape[2])
+
+
+def similarity_scale(m: np.ndarray) -> float:
+    return float(np.cbrt(np.linalg.det(m[:3, :3])))
+
+
+def c2w_to_unit(c2w_world: np.ndarray, world_to_unit: np.ndarray) -> np.ndarray:
+    """Apply the similarity to camera poses; the rotation stays orthonormal."""
+    s = similarity_scale(world_to_unit)
+    out = np.repeat(np.eye(4)[None], len(c2w_world), 0)
+    out[:, :3, :3] = (world_to_unit[:3, :3] / s) @ c2w_world[:, :3, :3]
+    out[:, :3, 3] = c2w_world[:, :3, 3] @ world_to_unit[:3, :3].T + world_to_unit[:3, 3]
+    return out
+
+
+def _read_image(path: Path, shape: tuple[int, int] | None, grey: bool = False) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if grey else "RGB")
+            if shape is not None and im.size != (shape[1], shape[0]):
+                if not grey:  # the intrinsics are for (w, h): never resize an image silently
+                    raise InputError(f"{path}: image is {im.size[0]}x{im.size[1]}, transforms.json says "
+                                     f"{shape[1]}x{shape[0]}; rerun the sfm stage")
+                im = im.resize((shape[1], shape[0]), Image.NEAREST)
+            return np.asarray(im)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc})") from None
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise InputError(f"{path}: missing; rerun the upstream stage")
+    return path
+
+
+def load_masks(masks_dir: Path | None, names: list[str], shape: tuple[int, int], log) -> np.ndarray | None:
+    """(N, H, W) bool, or None when masks are off or absent. A view without a mask file gets an
+    all-False mask and is reported; the loop leaves such views out of object-mode training
+    (``views_with_masks``)."""
+    if masks_dir is None or not (masks_dir / "masks.json").is_file():
+        return None
+    info = json.loads((masks_dir / "masks.json").read_text())
+    if info.get("method") == "none" or not (masks_dir / "masks").is_dir():
+        return None
+    out = np.zeros((len(names), *shape), dtype=bool)
+    missing = []
+    for i, name in enumerate(names):
+        path = masks_dir / "masks" / f"{Path(name).stem}.png"
+        if path.is_file():
+            out[i] = _read_image(path, shape, grey=True) > 127
+        else:
+            missing.append(Path(name).stem)
+    if len(missing) == len(names):
+        log.warning("train: masks.json exists but no mask files were found; training without masks")
+        return None
+    if missing:
+        log.warning("train: %d views have no mask (%s ...); they are not trained on", len(missing), missing[0])
+    return out
+
+
+def load_scene(inputs: dict[str, Path], log) -> SceneData:
+    sfm, pts_dir = Path(inputs["sfm"]), Path(inputs["sfm_points"])
+    scene = json.loads(_need(pts_dir / "scene.json").read_text())
+    w2u = np.asarray(scene["world_to_unit"], dtype=np.float64)
+    u2w = np.asarray(scene["unit_to_world"], dtype=np.float64)
+    cams = load_transforms(_need(pts_dir / "transforms.json"))
+    shape = (cams.height, cams.width)
+    images = np.stack([_read_image(_need(sfm / name), shape) for name in cams.names])
+    masks = load_masks(Path(inputs["masks"]) if inputs.get("masks") else None, cams.names, shape, log)
+    points = np.load(_need(pts_dir / "points.npy")).astype(np.float64).reshape(-1, 3)
+    offsets = np.load(_need(pts_dir / "view_offsets.npy")).astype(np.int64)
+    indices = np.load(_need(pts_dir / "view_indices.npy")).astype(np.int64)
+    if len(offsets) != len(cams) + 1 or (len(indices) and (indices.max() >= len(points) or indices.min() < 0)):
+        raise InputError(f"{pts_dir}: view_offsets/view_indices do not match {len(cams)} views and "
+                         f"{len(points)} points; rerun sfm_points")
+    points_unit = (points @ w2u[:3, :3].T + w2u[:3, 3]).astype(np.float32)
+    with_masks = None if masks is None else np.array(
+        [(Path(inputs["masks"]) / "masks" / f"{Path(n).stem}.png").is_file() for n in cams.names])
+    return SceneData(list(cams.names), images, masks, cams.K.copy(), c2w_to_unit(cams.c2w, w2u),
+                     points_unit, offsets, indices, w2u, u2w, scene, with_masks)
+
+
+def split_views(n: int, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out view indices: every ``holdout_every``-th view (from view 0) is held
+    out when there are enough views to spare them."""
+    all_views = np.arange(n)
+    if holdout_every <= 1 or n < 2 * holdout_every:
+        return all_views, all_views[:0]
+    held = all_views[::holdout_every]
+    return np.setdiff1d(all_views, held), held

@@ -1,0 +1,329 @@
+"""The training loop: set up, step (rays -> render -> losses -> AdamW), checkpoint, resume,
+recover from non-finite losses. State lives in :class:`Run`; schedules are pure functions."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.errors import StageError
+from stages.train import checkpoint, losses, schedule
+from stages.train.data import SceneData
+from stages.train.fields import NeuSModel
+from stages.train.render import OccupancyGrid, RenderOptions, render_rays
+from stages.train.rays import RaySampler
+
+MAX_NONFINITE = 3
+
+
+@dataclass
+class Progress:
+    """Plain-typed training state saved in every checkpoint."""
+
+    step: int = 0
+    lr_scale: float = 1.0
+    nonfinite: int = 0
+    elapsed: float = 0.0
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    cfg: object
+    device: torch.device
+    model: NeuSModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    sampler: RaySampler
+    occ: OccupancyGrid
+    opts: RenderOptions
+    points: torch.Tensor  # (M, 3) unit coordinates
+    offsets: torch.Tensor
+    indices: torch.Tensor
+    object_mode: bool
+    backend: str
+    compiled: bool
+    progress: Progress = field(default_factory=Progress)
+    compile_checked: bool = False
+
+
+def amp_dtype(cfg, device: torch.device):
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+def resolve_backend(cfg, device: torch.device) -> str:
+    from stages.train.external import tcnn_available
+
+    if cfg.grid_backend in ("tcnn", "triton"):
+        return cfg.grid_backend
+    if cfg.grid_backend == "auto" and device.type == "cuda" and tcnn_available():
+        return "tcnn"
+    return "torch"
+
+
+def maybe_compile(model: NeuSModel, cfg, device: torch.device, log) -> bool:
+    if cfg.compile == "off" or (cfg.compile == "auto" and device.type != "cuda"):
+        return False
+    for part in (model.sdf, model.color):
+        part.compile(dynamic=False)
+    log.info("train: torch.compile on for the SDF and colour networks")
+    return True
+
+
+def uncompile(model: NeuSModel) -> None:
+    for part in (model.sdf, model.color):
+        part._compiled_call_impl = None
+
+
+def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, log) -> Run:
+    object_mode = cfg.mode == "object" or (cfg.mode == "auto" and scene.masks is not None)
+    if object_mode and scene.masks is None:
+        raise StageError("train.mode=object needs masks, but the masks stage made none; "
+                         "set masks.method or train.mode=scene")
+    if object_mode and scene.views_with_masks is not None:
+        train_views = train_views[scene.views_with_masks[train_views]]
+    if len(train_views) == 0:
+        raise StageError("train: no views left to train on (all held out or without masks)")
+    backend = resolve_backend(cfg, device)
+    model = NeuSModel(cfg, scene_mode=not object_mode, backend=backend).to(device)
+    groups = model.param_groups(cfg.lr, cfg.lr_grid_mult, cfg.lr_inv_s_mult)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    masks = scene.masks[train_views] if object_mode else None
+    sampler = RaySampler(scene.images[train_views], masks, scene.K[train_views], scene.c2w[train_views],
+                         train_views, device)
+    opts = RenderOptions(samples=cfg.samples_per_ray, candidates=cfg.ray_candidates,
+                         empty_weight=cfg.occ_empty_weight, grad_mode=cfg.gradient_mode,
+                         bg_samples=cfg.bg_samples, amp_dtype=dtype)
+    compiled = maybe_compile(model, cfg, device, log)
+    t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+    return Run(cfg, device, model, opt, scaler, sampler, OccupancyGrid(cfg.occ_resolution, device), opts,
+               t(scene.points, torch.float32), t(scene.view_offsets, torch.long), t(scene.view_indices, torch.long),
+               object_mode, backend, compiled)
+
+
+def sfm_points_of(run: Run, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``sfm_points_per_view`` random SfM points (with replacement) seen by each batch view, and
+    which of them are real (views that see no point give placeholders): a fixed shape."""
+    k = run.cfg.sfm_points_per_view
+    if k <= 0 or run.indices.numel() == 0:
+        return None
+    start, count = run.offsets[views], run.offsets[views + 1] - run.offsets[views]
+    pick = start[:, None] + torch.floor(torch.rand(len(views), k, device=run.device) * count[:, None]).long()
+    pick = pick.clamp(max=run.indices.numel() - 1)
+    valid = (count > 0)[:, None].expand(-1, k).reshape(-1)
+    return run.points[run.indices[pick.reshape(-1)]], valid
+
+
+def apply_schedules(run: Run, step: int) -> dict[str, float]:
+    cfg, spec = run.cfg, run.model.sdf.grid.spec
+    active = schedule.active_levels(step, cfg, spec)
+    run.model.sdf.set_active_levels(active)
+    run.opts.eps = schedule.epsilon(step, cfg, spec)
+    run.opts.cos_anneal = schedule.cos_anneal(step, cfg)
+    factor = schedule.lr_factor(step, cfg) * run.progress.lr_scale
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return {"rgb": cfg.rgb_weight, "eikonal": cfg.eikonal_weight,
+            "curvature": schedule.curvature_weight(step, cfg, spec) if cfg.gradient_mode != "analytic" else 0.0,
+            "mask": cfg.mask_weight if run.object_mode else 0.0, "sfm": schedule.sfm_weight(step, cfg),
+            "active_levels": active, "occupancy": step >= cfg.occ_warmup_steps}
+
+
+def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
+    cfg = run.cfg
+    batch = run.sampler.sample(cfg.batch_rays, cfg.views_per_batch, cfg.mask_ray_fraction)
+    bg, target = None, batch.rgb
+    if run.object_mode:
+        if cfg.background_color == "random":
+            bg = torch.rand(batch.rgb.shape, device=run.device)
+        else:
+            bg = torch.full_like(batch.rgb, 1.0 if cfg.background_color == "white" else 0.0)
+        target = torch.where(batch.mask[:, None], batch.rgb, bg)
+    sfm = sfm_points_of(run, batch.views) if weights["sfm"] > 0 else None
+    grid = run.occ if weights["occupancy"] else None
+    out = render_rays(run.model, batch.origins, batch.dirs, grid, run.opts, bg,
+                      extra_points=None if sfm is None else sfm[0])
+    terms = {"rgb": losses.rgb_l1(out["rgb"], target),
+             "eikonal": losses.eikonal(out["grad"], out["valid"]),
+             "curvature": losses.curvature(out["lap"], out["valid"])}
+    if run.object_mode:
+        terms["mask"] = losses.mask_bce(out["opacity"], batch.mask)
+    if sfm is not None:
+        terms["sfm"] = losses.masked_mean(out["extra_sdf"].abs(), sfm[1])
+    total = losses.total(terms, weights)
+    info = {"psnr": losses.psnr(out["rgb"].detach(), target), "inv_s": float(out["inv_s"])}
+    return total, {**{k: v.detach() for k, v in terms.items()}, **info}
+
+
+def optimise(run: Run, loss: torch.Tensor) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        loss.backward()
+    if run.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+
+
+def update_occupancy(run: Run, step: int) -> None:
+    if step >= run.cfg.occ_warmup_steps and step % max(1, run.cfg.occ_update_every) == 0 or \
+            step == run.cfg.occ_warmup_steps:
+        inv_s = float(run.model.inv_s().detach())
+        run.occ.update(run.model.sdf, inv_s, run.cfg.occ_margin_cells, run.cfg.occ_margin_s)
+
+
+def train_step(run: Run, step: int, hook: Callable | None = None) -> dict | None:
+    """One optimisation step; returns float metrics, or None when the loss is not finite."""
+    weights = apply_schedules(run, step)
+    update_occupancy(run, step)
+    loss, terms = compute_losses(run, weights)
+    if hook is not None:
+        loss = hook(step, loss)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return None
+    optimise(run, loss)
+    metrics = {k: float(v) for k, v in terms.items()}
+    metrics.update(loss=value, active_levels=weights["active_levels"], eps=run.opts.eps,
+                   lr=run.optimizer.param_groups[-1]["lr"])
+    return metrics
+
+
+def state_payload(run: Run) -> dict:
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+            "occupancy": run.occ.state_dict(), "rng": checkpoint.rng_state(run.device),
+            "progress": dataclasses.asdict(run.progress), "config": dataclasses.asdict(run.cfg),
+            "object_mode": run.object_mode}
+
+
+def restore(run: Run, path: Path, keep_counters: bool = False) -> None:
+    state = checkpoint.load(path, run.device)
+    if bool(state["object_mode"]) != run.object_mode:
+        raise StageError(f"{path}: checkpoint is from a {'object' if state['object_mode'] else 'scene'}-mode "
+                         "run; delete the checkpoints folder to start over")
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise StageError(f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0][:160]}); "
+                         "delete the checkpoints folder to start over") from None
+    if run.scaler is not None and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    run.occ.load_state_dict(state["occupancy"])
+    checkpoint.set_rng_state(state["rng"], run.device)
+    old = run.progress
+    run.progress = Progress(**state["progress"])
+    if keep_counters:
+        run.progress.nonfinite, run.progress.lr_scale = old.nonfinite, old.lr_scale
+
+
+def recover(run: Run, ckpt_dir: Path, step: int, log) -> None:
+    """Non-finite loss: reload the last checkpoint with half the learning rate; fail the third time."""
+    run.progress.nonfinite += 1
+    if run.progress.nonfinite >= MAX_NONFINITE:
+        raise StageError(f"train: the loss became non-finite {run.progress.nonfinite} times (last at step {step}), "
+                         "even after halving the learning rate; try a lower train.lr, train.amp=off, "
+                         "or check the cameras and images")
+    run.progress.lr_scale *= 0.5
+    last = checkpoint.latest(ckpt_dir)
+    restore(run, last, keep_counters=True)
+    log.warning("train: non-finite loss at step %d; reloaded %s, learning rate x%.3g", step, last.name,
+                run.progress.lr_scale)
+
+
+def _writer(tb_dir: Path, log):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # tensorboard missing: keep training, just without event files
+        log.warning("train: no TensorBoard logs (%s)", exc)
+        return None
+    return SummaryWriter(log_dir=str(tb_dir))
+
+
+def _record(run: Run, step: int, metrics: dict, writer) -> None:
+    if step % max(1, run.cfg.log_every) and step != run.cfg.iterations:
+        return
+    run.progress.history.append({"step": step, **{k: metrics[k] for k in sorted(metrics)}})
+    if writer is not None:
+        for key, value in metrics.items():
+            writer.add_scalar(f"train/{key}", value, step)
+
+
+def _step_once(run: Run, step: int, hook, log) -> dict | None:
+    """A training step; if the compiled networks fail on first use, fall back to eager once."""
+    try:
+        metrics = train_step(run, step, hook)
+        run.compile_checked = True
+        return metrics
+    except Exception as exc:  # torch._dynamo / inductor errors have many types
+        if not run.compiled or run.compile_checked or isinstance(exc, StageError):
+            raise
+        log.warning("train: torch.compile failed (%s: %s); continuing eagerly", type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "")
+        uncompile(run.model)
+        run.compiled, run.compile_checked = False, True
+        return train_step(run, step, hook)
+
+
+def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callable[[], bool],
+          hook: Callable | None = None) -> Progress:
+    """Train from the latest checkpoint in ``out_dir/checkpoints`` (or from scratch) to the end,
+    or until ``should_stop()`` turns True (then checkpoint and raise StageError). ``hook(step,
+    loss) -> loss`` lets tests inject failures."""
+    cfg, ckpt_dir = run.cfg, out_dir / "checkpoints"
+    last = checkpoint.latest(ckpt_dir)
+    if last is not None:
+        restore(run, last)
+        log.info("train: resuming from %s (step %d)", last.name, run.progress.step)
+    else:
+        checkpoint.save(ckpt_dir, 0, state_payload(run))
+    writer = _writer(out_dir / "tb", log)
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.iterations, initial=run.progress.step, desc="train", leave=False, dynamic_ncols=True)
+    t0, base = time.perf_counter(), run.progress.elapsed
+    try:
+        while run.progress.step < cfg.iterations:
+            step = run.progress.step
+            metrics = _step_once(run, step, hook, log)
+            if metrics is None:
+                recover(run, ckpt_dir, step, log)
+                t0, base = time.perf_counter(), run.progress.elapsed
+                continue
+            run.progress.step = step + 1
+            run.progress.elapsed = base + time.perf_counter() - t0
+            _record(run, step + 1, metrics, writer)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['psnr']:.2f}",
+                                it_s=f"{(step + 1 - bar.initial) / max(run.progress.elapsed - base, 1e-9):.1f}")
+            stopping = should_stop()
+            if (step + 1) % max(1, cfg.checkpoint_every) == 0 or stopping or step + 1 == cfg.iterations:
+                checkpoint.save(ckpt_dir, step + 1, state_payload(run))
+            if stopping:
+                raise StageError(f"train: stopped by SIGTERM at step {step + 1}; checkpoint saved, "
+                                 "rerun to resume")
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    return run.progress

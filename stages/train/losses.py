@@ -1,0 +1,42 @@
+"""Training losses: RGB L1, eikonal, curvature, mask BCE (the SfM-point loss is a masked mean |SDF|)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    w = valid.to(x.dtype)
+    return (x * w).sum() / w.sum().clamp_min(1.0)
+
+
+def rgb_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).abs().mean()
+
+
+def eikonal(grad: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean (|grad f| - 1)^2 over valid samples."""
+    return masked_mean((grad.norm(dim=-1) - 1.0) ** 2, valid)
+
+
+def curvature(lap: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean |laplacian f| over valid samples (Neuralangelo's curvature loss)."""
+    return masked_mean(lap.abs(), valid)
+
+
+def mask_bce(opacity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy(opacity.clamp(1e-3, 1.0 - 1e-3), mask.float())
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    mse = float(((pred.float() - target.float()) ** 2).mean())
+    return float(-10.0 * torch.log10(torch.tensor(max(mse, 1e-10))))
+
+
+def total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    out = None
+    for name, value in terms.items():
+        w = weights.get(name, 0.0)
+        if w:
+            out = value * w if out is None else out + value * w
+    return out
