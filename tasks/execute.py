@@ -55,6 +55,8 @@ def _job(plan: dict, stage: str, workdir: Path, partial: Path, op: dict) -> dict
 def _child_env(op: dict) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    if not op.get("debug"):
+        env.setdefault("GLOG_minloglevel", "1")  # COLMAP's INFO lines only with --debug
     if op.get("cuda_visible_devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(op["cuda_visible_devices"])
     return env
