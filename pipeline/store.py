@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import platform
 import shutil

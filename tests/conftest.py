@@ -46,3 +46,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), *args], capture_output=True,
                           text=True, env=full_env, cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one thread is as fast, and immune to a busy machine (spinning workers)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ from stages.mesh_blocks import compute_mesh
 CHUNK = 1 << 14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors: one thread is as fast, and immune to a busy machine (spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sphere_sdf(p, r=0.7):
