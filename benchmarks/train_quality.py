@@ -85,7 +85,21 @@ def train_config(preset: str, overrides: list[str], ablations: list[str], iterat
     return dataclasses.replace(cfg.train)
 
 
-def score(model_dir: Path, gt_points, diag: float, res: int, device: str, tau: float) -> dict:
+def in_region(points, gt_points, diag: float, floor: float | None):
+    """The evaluate stage's object region: GT bounds + 2% of the diagonal, support plane + 1% left out."""
+    from stages.metrics import object_region
+
+    return object_region(points, gt_points.min(0), gt_points.max(0), 0.02 * diag, floor, 0.01 * diag)
+
+
+def object_region_mesh(verts, faces, gt_points, diag: float, floor: float | None):
+    """The faces of a mesh whose centroid is in the object region (scene mode meshes the ground too)."""
+    keep = in_region(verts[faces].mean(1), gt_points, diag, floor) if len(faces) else []
+    return verts, faces[keep]
+
+
+def score(model_dir: Path, gt_points, diag: float, res: int, device: str, tau: float,
+          floor: float | None = None) -> dict:
     import numpy as np
 
     from stages import train
@@ -94,8 +108,10 @@ def score(model_dir: Path, gt_points, diag: float, res: int, device: str, tau: f
     t = time.perf_counter()
     verts, faces = mesh_from_sdf(train.load_sdf(model_dir, device), res)
     out = {"mesh_seconds": time.perf_counter() - t, "faces": int(len(faces))}
-    for name, (v, f) in (("raw", (verts, faces)), ("largest", largest_component(verts, faces))):
-        cd, fs = chamfer_fscore(sample_mesh(v, f, 200000), gt_points, tau * diag)
+    for name, (v, f) in (("raw", (verts, faces)), ("largest", largest_component(verts, faces)),
+                         ("region", object_region_mesh(verts, faces, gt_points, diag, floor))):
+        gt = gt_points if name != "region" else gt_points[in_region(gt_points, gt_points, diag, floor)]
+        cd, fs = chamfer_fscore(sample_mesh(v, f, 200000), gt, tau * diag)
         out[name] = {"chamfer_pct": 100 * cd / diag, "fscore": fs}
     out["tau_pct"] = 100 * tau
     out["gt_diag"] = float(diag)
@@ -157,7 +173,7 @@ def main(argv=None) -> int:
     train_wall = time.perf_counter() - t
     info = json.loads((run_dir / "train.json").read_text())
     diag = float(np.linalg.norm(gt_points.max(0) - gt_points.min(0)))
-    quality = score(run_dir, gt_points, diag, args.mc_res, device, args.tau)
+    quality = score(run_dir, gt_points, diag, args.mc_res, device, args.tau, 0.0 if args.scene == "spot" else None)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "device": device,
               "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "prep_seconds": prep,
               "train_wall_seconds": train_wall, "train_seconds": info["wall_seconds"], "summary": summary,
@@ -181,7 +197,7 @@ def print_table(r: dict, args) -> None:
     print("|---|---|---|---|---|---|---|---|")
     mem_s = "-" if mem is None else f"{mem:.2f}"
     held = "-" if r["holdout_psnr"] is None else f"{r['holdout_psnr']:.2f}"
-    for name in ("raw", "largest"):
+    for name in ("raw", "largest", "region"):
         m = q[name]
         print(f"| {name} | {m['chamfer_pct']:.3f} | {m['fscore']:.3f} | {r['train_seconds']:.0f} | "
               f"{r['summary']['iterations']} | {r['samples_per_second']:.3g} | {mem_s} | "

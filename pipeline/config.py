@@ -200,6 +200,8 @@ class EvaluateConfig:
     render_max_side: int = opt(640, "IoU and report renders use the images scaled to at most this long side")
     report_frames: int = opt(48, "thumbnails in the report's input contact sheet")
     seed: int = opt(0, "seed of the surface sampling")
+    region_margin: float = opt(0.02, "object-region scores: GT bounds grown by this fraction of the GT diagonal")
+    floor_margin: float = opt(0.01, "object-region scores: a GT support plane (gt.json support_plane_z) and this fraction of the diagonal above it are left out")
 
 
 SECTIONS: dict[str, type] = {

@@ -169,12 +169,42 @@ def reference_cameras(scene: EvalScene) -> tuple[Path, list[tuple[int, int]]]:
     return path, gt_view_pairs(scene.frames_meta, scene.cams.names, load_transforms(path).names)
 
 
+def gt_info(gt_dir: Path) -> dict:
+    """``gt.json`` of a ground-truth folder, or {} when there is none (or it does not parse)."""
+    try:
+        info = json.loads((gt_dir / "gt.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def gt_is_unaligned(gt_dir: Path) -> bool:
     """``gt.json`` says ``"aligned": false`` when the GT mesh is not in the cameras' world frame."""
-    try:
-        return json.loads((gt_dir / "gt.json").read_text()).get("aligned", True) is False
-    except (OSError, ValueError):
-        return False
+    return gt_info(gt_dir).get("aligned", True) is False
+
+
+def region_scores(vertices: np.ndarray, faces: np.ndarray, gt: np.ndarray, gt_dir: Path, cfg: Any,
+                  diag: float) -> dict:
+    """Scores inside the object's region: the GT bounds grown by ``region_margin`` of the
+    diagonal, without the support plane when ``gt.json`` names one (``support_plane_z``, z up).
+    What a scene-mode reconstruction (ground, walls) is judged on. The faces whose centroid is
+    inside are sampled afresh (as densely as the whole mesh is); GT samples are cropped alike."""
+    import trimesh
+
+    floor = gt_info(gt_dir).get("support_plane_z")
+    floor = float(floor) if isinstance(floor, (int, float)) else None
+    args = (gt.min(0), gt.max(0), cfg.region_margin * diag, floor, cfg.floor_margin * diag)
+    inside = M.object_region(vertices[faces].mean(1), *args)
+    out = {"margin_pct": 100.0 * cfg.region_margin, "support_plane_z": floor,
+           "floor_margin_pct": 100.0 * cfg.floor_margin if floor is not None else None,
+           "faces_inside_share": float(inside.mean()) if len(faces) else 0.0}
+    keep_gt = M.object_region(gt, *args)
+    if not inside.any() or not keep_gt.any():
+        return {**out, "available": False, "reason": "no reconstructed surface inside the object region"}
+    sub = trimesh.Trimesh(vertices, faces[inside], process=False)
+    pred = np.asarray(trimesh.sample.sample_surface(sub, int(cfg.num_samples), seed=cfg.seed + 2)[0])
+    pred = pred[M.object_region(pred, *args)]  # centroid inside, a corner outside: trim to the box
+    return {**out, "available": True, **_score(pred, gt[keep_gt], cfg, diag)}
 
 
 def align_cameras(scene: EvalScene) -> tuple[np.ndarray, dict]:
@@ -253,6 +283,8 @@ def evaluate_geometry(scene: EvalScene, cfg: Any, ctx: Context) -> tuple[dict, d
         geometry["before_icp"] = {k: v for k, v in geometry.items() if k in ("chamfer_l1", "chamfer_l1_pct", "fscores")}
         geometry.update(_score(M.transform_points(T_icp, pred_local), gt_pts, cfg, diag))
         T = T_icp
+    geometry["object_region"] = region_scores(M.transform_points(T, scene.vertices), scene.faces, gt_pts,
+                                              scene.gt_dir, cfg, diag)
     alignment["sfm_to_gt"] = T.tolist()
     return geometry, alignment
 
@@ -404,6 +436,8 @@ def summarize(result: dict) -> dict:
         out["chamfer_l1_pct"] = round(geo["chamfer_l1_pct"], 4)
         for s in geo["fscores"]:
             out[f"fscore@{s['tau_pct']:g}%"] = round(s["fscore"], 4)
+        if geo.get("object_region", {}).get("available"):
+            out["region_chamfer_l1_pct"] = round(geo["object_region"]["chamfer_l1_pct"], 4)
     for key in ("silhouette", "silhouette_gt"):
         if result[key].get("available"):
             out[f"{key}_mean_iou"] = round(result[key]["mean_iou"], 4)

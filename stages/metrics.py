@@ -37,6 +37,18 @@ def chamfer_fscore(pred_points: np.ndarray, gt_points: np.ndarray, thresholds) -
     return {"accuracy": acc, "completeness": comp, "chamfer_l1": 0.5 * (acc + comp), "fscores": scores}
 
 
+def object_region(points: np.ndarray, lo, hi, margin: float, floor: float | None = None,
+                  floor_margin: float = 0.0) -> np.ndarray:
+    """Boolean mask of ``points`` inside the box ``[lo - margin, hi + margin]`` (the object's
+    ground-truth bounds grown by ``margin``); with ``floor`` (z of a supporting plane, world z up)
+    the box starts at ``floor + floor_margin`` instead, so the plane itself is left out."""
+    lo = np.asarray(lo, np.float64) - margin
+    hi = np.asarray(hi, np.float64) + margin
+    if floor is not None:
+        lo[2] = floor + floor_margin
+    return np.all((points >= lo) & (points <= hi), axis=1)
+
+
 def psnr(pred: np.ndarray, gt: np.ndarray, max_val: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB of two images with values in [0, max_val]."""
     mse = float(np.mean((np.asarray(pred, np.float64) - np.asarray(gt, np.float64)) ** 2))

@@ -76,6 +76,12 @@ def metrics_section(m: dict) -> str:
             before = geo["before_icp"]
             rows.append(["Chamfer-L1 before ICP", before["chamfer_l1"],
                          f"{before['chamfer_l1_pct']:.3f} % of GT diagonal (camera alignment only)"])
+        region = geo.get("object_region", {})
+        if region.get("available"):
+            floor = "" if region["support_plane_z"] is None else ", support plane left out"
+            rows.append(["Chamfer-L1, object region", region["chamfer_l1"],
+                         f"{region['chamfer_l1_pct']:.3f} % (GT bounds + {region['margin_pct']:g} %{floor}; "
+                         f"{100 * region['faces_inside_share']:.0f} % of the faces inside)"])
     else:
         rows.append(["Chamfer-L1 / F-score", None, geo.get("reason", "")])
     for key, label in (("silhouette", "silhouette IoU"), ("silhouette_gt", "silhouette IoU vs GT")):

@@ -257,20 +257,46 @@ def test_alignment_makes_scores_independent_of_the_world_frame(runs):
     assert b["silhouette"]["mean_iou"] == pytest.approx(a["silhouette"]["mean_iou"], abs=0.005)
 
 
-def test_dataset_cameras_are_used_as_they_are(syn, tmp_path):
+def dataset_inputs(root: Path, syn: Path, mesh: trimesh.Trimesh) -> dict[str, Path]:
     """A dataset import: frames/transforms.json holds the GT cameras and SfM kept them."""
-    inputs = build_inputs(tmp_path / "in", syn, np.eye(4), perturbed_gt(syn / "gt", 0.002))
+    inputs = build_inputs(root, syn, np.eye(4), mesh)
     meta = json.loads((inputs["frames"] / "frames.json").read_text())
     meta["source_kind"] = "dataset"
     for rec in meta["frames"]:
         rec["source_file"] = f"scan/image/{rec.pop('source_index'):03d}.png"
     (inputs["frames"] / "frames.json").write_text(json.dumps(meta))
     shutil.copyfile(inputs["sfm"] / "transforms.json", inputs["frames"] / "transforms.json")
+    return inputs
+
+
+def test_dataset_cameras_are_used_as_they_are(syn, tmp_path):
+    inputs = dataset_inputs(tmp_path / "in", syn, perturbed_gt(syn / "gt", 0.002))
     cfg = EvaluateConfig(num_samples=20000, iou_max_views=2, render_max_side=160, report_frames=4)
     m = run_stage(inputs, tmp_path / "out", cfg)
     assert m["alignment"]["method"] == "identity" and m["alignment"]["reference"] == "transforms.json"
     assert 0.05 < m["geometry"]["chamfer_l1_pct"] < 0.6
+    region = m["geometry"]["object_region"]
+    assert region["available"] and region["support_plane_z"] == 0.0 and region["faces_inside_share"] > 0.97
+    assert region["chamfer_l1_pct"] == pytest.approx(m["geometry"]["chamfer_l1_pct"], abs=0.1)
     assert not m["silhouette_gt"]["available"]
+
+
+def test_object_region_leaves_out_the_ground_and_far_floaters(syn, tmp_path):
+    """A scene-mode mesh holds the ground and far-off geometry: the whole-mesh score counts them,
+    the object-region score crops them away and scores the object alone."""
+    obj = perturbed_gt(syn / "gt", 0.002)
+    ground = trimesh.creation.box(extents=(2.0, 2.0, 0.004))
+    ground.apply_translation((0.0, 0.0, -0.002))  # top face on the support plane z = 0
+    floater = trimesh.creation.icosphere(radius=0.05)
+    floater.apply_translation((1.2, 0.0, 0.6))
+    mesh = trimesh.util.concatenate([obj, ground, floater])
+    cfg = EvaluateConfig(num_samples=40000, iou_max_views=2, render_max_side=160, report_frames=4)
+    m = run_stage(dataset_inputs(tmp_path / "in", syn, mesh), tmp_path / "out", cfg)
+    geo, region = m["geometry"], m["geometry"]["object_region"]
+    assert geo["chamfer_l1_pct"] > 5.0  # the ground dominates the whole-mesh accuracy
+    assert region["available"] and region["faces_inside_share"] < 1.0  # the ground and floater faces are out
+    assert 0.05 < region["chamfer_l1_pct"] < 0.6  # the object's own noise, as without the ground
+    assert region["fscores"][1]["fscore"] > 0.95
 
 
 def test_without_ground_truth_or_holdout_the_reasons_are_reported(syn, tmp_path):

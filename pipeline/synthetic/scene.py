@@ -168,7 +168,7 @@ def _write_ground_truth(gt_dir: Path, spec: SceneSpec, cams: Cameras, obj) -> No
     info = {**fields, "transform": obj.transform.tolist(), "source_mesh": obj.source_name,
             "mask_rule": MASK_RULE, "world_frame": "z up, ground plane z = 0, units of the normalised object",
             "object_bounds": [vertices.min(0).tolist(), vertices.max(0).tolist()],
-            "sphere_center": centre.tolist(), "sphere_radius": radius}
+            "sphere_center": centre.tolist(), "sphere_radius": radius, "support_plane_z": 0.0}
     (gt_dir / "gt.json").write_text(json.dumps(info, indent=1))
 
 
