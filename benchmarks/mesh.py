@@ -62,16 +62,21 @@ def make_sdf(args, device):
     return {"sphere": sphere, "bumpy": bumpy}[args.sdf], args.sdf
 
 
-def closed_and_volume(vertices: np.ndarray, faces: np.ndarray) -> tuple[bool, float]:
-    """Every edge shared by exactly two faces with opposite directions; signed volume."""
+def closed_and_volume(vertices: np.ndarray, faces: np.ndarray) -> tuple[bool, float, dict]:
+    """Every edge shared by exactly two faces with opposite directions; signed volume; and where
+    it is open: boundary edges (used once), non-manifold edges (3+), and the share of boundary
+    vertices on the clipping sphere (|p| > 0.98 in unit coordinates)."""
     e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
     key = np.minimum(e[:, 0], e[:, 1]) * (len(vertices) + 1) + np.maximum(e[:, 0], e[:, 1])
-    _, counts = np.unique(key, return_counts=True)
+    uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
     directed = np.unique(e[:, 0] * (len(vertices) + 1) + e[:, 1])
     closed = bool((counts == 2).all()) and len(directed) == len(e)
     tri = vertices[faces]
     volume = float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0)
-    return closed, volume
+    border = np.unique(e[first[counts == 1]].ravel())
+    on_sphere = float((np.linalg.norm(vertices[border], axis=1) > 0.98).mean()) if len(border) else 0.0
+    return closed, volume, {"boundary_edges": int((counts == 1).sum()), "nonmanifold_edges": int((counts > 2).sum()),
+                            "boundary_on_sphere": round(on_sphere, 4)}
 
 
 def run_case(sdf, name: str, resolution: int, args, device) -> dict:
@@ -84,7 +89,7 @@ def run_case(sdf, name: str, resolution: int, args, device) -> dict:
                             skip_margin=args.skip_margin, chunk=args.chunk, blocks_dir=Path(tmp) / "blocks",
                             workers=args.workers, progress=args.progress, stats=stats)
         seconds = time.perf_counter() - t0
-    closed, volume = closed_and_volume(v, f)
+    closed, volume, openings = closed_and_volume(v, f)
     expected = 4.0 / 3.0 * math.pi * SPHERE_R ** 3 if name in ("sphere", "bumpy") else None
     return {"sdf": name, "device": str(device), "resolution": resolution, "block_res": args.block,
             "seconds": round(seconds, 2), "blocks_evaluated": stats["blocks_evaluated"],
@@ -92,7 +97,7 @@ def run_case(sdf, name: str, resolution: int, args, device) -> dict:
             "dense_share": round(stats["samples_evaluated"] / stats["samples_dense"], 4),
             "vertices": len(v), "faces": len(f), "peak_gpu_gib": round(stats["peak_gpu_bytes"] / 2**30, 3),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-            "closed": closed, "volume": volume,
+            "closed": closed, "volume": volume, **openings,
             "volume_error": None if expected is None else round(volume / expected - 1, 5)}
 
 

@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tau", type=float, default=0.005, help="F-score threshold as a share of the bbox diagonal")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--name", default=None, help="run folder name under --workdir (default from scene, preset, ablations)")
     ap.add_argument("--fresh", action="store_true", help="delete an existing run folder instead of resuming")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
         inputs, gt_points = analytic_scene(inputs_root, args.views, args.width, args.height)
     prep = time.perf_counter() - t0
     cfg = train_config(args.preset, args.set, args.ablation, args.iterations)
-    run_dir = args.workdir / f"run_{tag}_{args.preset}{''.join('_' + a for a in args.ablation)}"
+    run_dir = args.workdir / (args.name or f"run_{tag}_{args.preset}{''.join('_' + a for a in args.ablation)}")
     if args.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Optional native code, guarded in one place: tiny-cuda-nn (tinycudann) for the hash grid.
+"""Optional native code, guarded in one place: tiny-cuda-nn (tinycudann) and Triton for the hash grid.
 
 ``tcnn_available()`` says whether it imports; ``make_tcnn_grid`` builds an encoding that reads
 the *same* flat parameter table as the torch backend (tcnn's own HashGrid layout), so
@@ -22,6 +22,16 @@ def _import_tcnn():
 
 def tcnn_available() -> bool:
     return _import_tcnn()[0] is not None
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Triton and this project's kernels import (the CUDA path of the ``triton`` backend)."""
+    try:
+        import stages.train.hashgrid_triton  # noqa: F401
+    except Exception:  # ImportError, or a triton build that does not match the driver
+        return False
+    return True
 
 
 def make_tcnn_grid(spec):

@@ -60,12 +60,15 @@ def amp_dtype(cfg, device: torch.device):
 
 
 def resolve_backend(cfg, device: torch.device) -> str:
-    from stages.train.external import tcnn_available
+    from stages.train.external import tcnn_available, triton_available
 
     if cfg.grid_backend in ("tcnn", "triton"):
         return cfg.grid_backend
-    if cfg.grid_backend == "auto" and device.type == "cuda" and tcnn_available():
-        return "tcnn"
+    if cfg.grid_backend == "auto" and device.type == "cuda":
+        if tcnn_available():
+            return "tcnn"
+        if triton_available():  # 17% faster steps, a third of the memory of torch.compile (RESULTS.md)
+            return "triton"
     return "torch"
 
 
