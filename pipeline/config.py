@@ -177,7 +177,8 @@ class MeshConfig:
 @dataclass(frozen=True)
 class CleanupConfig:
     min_component_ratio: float = opt(0.1, "drop components whose diagonal is below this share of the largest")
-    max_hole_edges: int = opt(100, "close holes with at most this many boundary edges")
+    max_hole_edges: int = opt(100, "close holes with at most this many boundary edges (patches that cut the surface are refused)")
+    close_all_holes: bool = opt(True, "then close every hole still open, of any size, so the mesh is watertight")
     target_faces: int = opt(0, "decimate to this many faces (0 = keep)")
     cull: bool = opt(True, "cull faces that project outside the masks in most views that see them")
     cull_min_views: int = opt(3, "cull a face only when at least this many views see it")

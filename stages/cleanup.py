@@ -117,8 +117,11 @@ def remove_duplicates(vertices, faces):
     return _arrays(ms)
 
 
-def repair_and_close(vertices, faces, max_hole_edges: int, log=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Repair non-manifold edges/vertices, close holes, orient coherently (pymeshlab)."""
+def repair_and_close(vertices, faces, max_hole_edges: int, log=None, close_all: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Repair non-manifold edges/vertices, close holes, orient coherently (pymeshlab). Holes up to
+    ``max_hole_edges`` are filled with patches that may not cut the surface; with ``close_all``
+    every hole still open afterwards is filled too, without that check (a watertight result)."""
     import logging
 
     import pymeshlab
@@ -133,6 +136,11 @@ def repair_and_close(vertices, faces, max_hole_edges: int, log=None) -> tuple[np
         if max_hole_edges > 0:
             # newfaceselected=False: selected new faces would make a later decimation do nothing.
             ms.meshing_close_holes(maxholesize=int(max_hole_edges), newfaceselected=False)
+            ms.set_selection_none()
+            ms.meshing_repair_non_manifold_edges()
+        if close_all and ms.get_topological_measures()["number_holes"] > 0:
+            ms.meshing_close_holes(maxholesize=3 * ms.current_mesh().face_number() + 3, newfaceselected=False,
+                                   selfintersection=False)
             ms.set_selection_none()
             ms.meshing_repair_non_manifold_edges()
         ms.meshing_re_orient_faces_coherently()
@@ -302,7 +310,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     if len(f) == 0:
         raise StageError("cleanup: nothing is left of the mesh after removing components and culling; "
                          "check the masks (masks stage) or set cleanup.cull=false")
-    v, f, holes = repair_and_close(v, f, cfg.max_hole_edges, ctx.log)
+    v, f, holes = repair_and_close(v, f, cfg.max_hole_edges, ctx.log, cfg.close_all_holes)
     v, f, more = remove_small_components(v, f, cfg.min_component_ratio)  # culling and repair split pieces
     removed += more
     f, flipped = orient_outward(v, f)

@@ -132,6 +132,24 @@ def test_texture_atlas(scene, tmp_path):
     assert np.median(np.abs(texels - vertex_colours)) < 0.05  # texture and vertex colours agree
 
 
+def test_large_holes_closed_only_when_asked():
+    """A sphere with a 60-degree cap and a band of faces cut away: holes far above max_hole_edges.
+    The default (close_all_holes) fills them all and the mesh is watertight with about the
+    sphere's volume; without it they stay open."""
+    sphere = trimesh.creation.icosphere(4)
+    centres = sphere.triangles_center
+    cut = (centres[:, 2] > 0.5) | (np.abs(centres[:, 0]) < 0.05) & (centres[:, 2] < -0.3)
+    v, f = sphere.vertices, sphere.faces[~cut]
+    kept_v, kept_f, info = cleanup.repair_and_close(v, f, max_hole_edges=20)
+    assert info["holes_before"] == 2 and info["holes_closed"] == 0
+    assert not cleanup.topology(kept_v, kept_f)["watertight"]
+    v2, f2, info = cleanup.repair_and_close(v, f, max_hole_edges=20, close_all=True)
+    topo = cleanup.topology(v2, cleanup.orient_outward(v2, f2)[0])
+    assert info["holes_closed"] == 2 and topo["watertight"] and topo["genus"] == 0
+    cap = np.pi * 0.5 ** 2 * (3 * 1.0 - 0.5) / 3  # a flat lid at z = 0.5 cuts this cap off
+    assert abs(topo["volume"] / (sphere.volume - cap) - 1) < 0.02
+
+
 def test_orientation_components_topology():
     sphere = trimesh.creation.icosphere(3)
     torus = trimesh.creation.torus(1.0, 0.3).apply_translation([5.0, 0.0, 0.0])
