@@ -4,24 +4,34 @@ The job file (written by tasks/execute.py) names the stage, its upstream folders
 section, the output folder and the operational context. The summary goes to
 ``<out_dir>/.summary.json``; a failure writes ``<out_dir>/.error.json`` ({"message",
 "kind", "traceback"}) and exits non-zero. CUDA is only ever initialised here, never in the
-Luigi parent. When ``PIPELINE_TRACE_FILE`` is set, the process appends one JSON line to that
-file as it ends: stage, scene, pid, start, end, rc, CUDA_VISIBLE_DEVICES (tests of GPU slots).
+Luigi parent. Before the stage starts, ``pipeline.disk.check_free`` compares its estimated output
+size with the free space of the workdir's disk; a disk that fills up midway (ENOSPC, EDQUOT, or
+almost nothing free after any failure) becomes a one-line StageError and the ``.partial`` folder
+is kept for the resume. A small reserve file keeps room for the error report on a full disk.
+When ``PIPELINE_TRACE_FILE`` is set, the process appends one JSON line to that file as it ends:
+stage, scene, pid, start, end, rc, CUDA_VISIBLE_DEVICES (tests of GPU slots).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from pipeline import disk
 from pipeline.config import section_from_dict
 from pipeline.dag import GPU_STAGES, Context, Source
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StageError
 from pipeline.fsutil import atomic_write_json
 from pipeline.log import setup_logging
+
+RESERVE = ".space_reserve"  # freed just before an error report is written (a full disk)
+RESERVE_BYTES = 64 << 10
 
 
 def resolve_device(requested: str, stage: str) -> str:
@@ -40,31 +50,59 @@ def main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     out_dir = Path(job["out_dir"])
     log = setup_logging(job.get("debug", False))
+    stage = job["stage"]
     try:
         if job.get("threads"):
             os.environ.setdefault("OMP_NUM_THREADS", str(job["threads"]))
-        stage = job["stage"]
         if os.environ.get("PIPELINE_FAIL_STAGE") == stage:  # fault injection for tests
             raise RuntimeError(f"injected failure in stage {stage} (PIPELINE_FAIL_STAGE)")
-        module = importlib.import_module(f"stages.{stage}")
+        inputs = {name: Path(p) for name, p in job["inputs"].items()}
         cfg = section_from_dict(stage, job["section"])
+        disk.check_free(stage, dataclasses.asdict(cfg), inputs, job.get("source"), out_dir)
+        _reserve(out_dir)
+        module = importlib.import_module(f"stages.{stage}")
         source = Source(**job["source"]) if job.get("source") else None
         ctx = Context(scene=job["scene"], device=resolve_device(job.get("device", "auto"), stage),
                       progress=job.get("progress", True), source=source,
                       threads=job.get("threads", 0), log=log)
-        inputs = {name: Path(p) for name, p in job["inputs"].items()}
         summary = module.run(inputs, cfg, out_dir, ctx) or {}
+        (out_dir / RESERVE).unlink(missing_ok=True)
         atomic_write_json(out_dir / ".summary.json", summary)
         return 0
     except PipelineError as exc:
-        atomic_write_json(out_dir / ".error.json", {"message": str(exc), "kind": type(exc).__name__,
-                                                     "traceback": traceback.format_exc()})
-        return 3
+        return _report(out_dir, str(exc), type(exc).__name__, 3)
     except BaseException as exc:  # a bug or an interrupt: keep the traceback for --debug
+        where = disk.space_error_path(exc)
+        if where is not None or (isinstance(exc, Exception) and disk.is_full(out_dir)):
+            return _report(out_dir, _space_message(stage, where or out_dir, out_dir), StageError.__name__, 3)
         msg = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
-        atomic_write_json(out_dir / ".error.json", {"message": msg, "kind": type(exc).__name__,
+        return _report(out_dir, msg, type(exc).__name__, 4)
+
+
+def _reserve(out_dir: Path) -> None:
+    """A few kB held on disk so that the error report still fits when the disk fills up."""
+    with open(out_dir / RESERVE, "wb") as f:
+        f.write(bytes(RESERVE_BYTES))
+
+
+def _space_message(stage: str, where, out_dir: Path) -> str:
+    try:
+        free = disk.human(shutil.disk_usage(out_dir).free)
+    except OSError:
+        free = "?"
+    return (f"{stage}: no space left on device while writing {where} ({free} free); free some space and "
+            f"rerun: the finished part in {out_dir.name} is kept and the stage resumes")
+
+
+def _report(out_dir: Path, message: str, kind: str, code: int) -> int:
+    """Write ``.error.json`` (after freeing the reserve); if even that fails, print the line."""
+    (out_dir / RESERVE).unlink(missing_ok=True)
+    try:
+        atomic_write_json(out_dir / ".error.json", {"message": message, "kind": kind,
                                                      "traceback": traceback.format_exc()})
-        return 4
+    except OSError:
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def trace(job_path: str, start: float, rc: int) -> None:

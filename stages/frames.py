@@ -118,15 +118,23 @@ def save_jpeg_atomic(rgb: np.ndarray, path: Path, quality: int) -> None:
     from PIL import Image
 
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(rgb).save(tmp, format="JPEG", quality=quality)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(rgb).save(tmp, format="JPEG", quality=quality)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: give the half-written file's space back
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write ``data`` as indented JSON via a temp file + os.replace."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def frame_name(index: int) -> str:

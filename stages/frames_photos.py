@@ -24,6 +24,7 @@ from stages.frames import frame_name, measure_grey, save_jpeg_atomic, scaled_siz
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 ASPECT_TOLERANCE = 0.01  # relative aspect difference above which a photo is center-cropped
 MAX_PIXELS = 1_000_000_000  # PIL's decompression-bomb limit while reading photos
+MAX_FULL_DECODE = 250_000_000  # pixels of a photo PIL cannot decode at reduced scale (not JPEG)
 _ORIENTATION_TAG = 0x0112
 
 
@@ -88,25 +89,29 @@ def list_images(folder: Path, log) -> list[tuple[str, Path]]:
     root = folder.resolve()
     with os.scandir(root) as it:
         entries = sorted(it, key=lambda e: natural_key(e.name))
-    found, ignored = [], []
+    found, ignored, links = [], [], []
     for entry in entries:
         if entry.name.startswith("."):
             continue
         try:
             real = Path(entry.path).resolve(strict=True)
         except (OSError, RuntimeError):  # broken link or a symlink loop
-            ignored.append(entry.name)
+            links.append(entry.name)
             continue
         if real.is_dir():
             continue
-        inside = real.is_relative_to(root)
-        if inside and real.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+        if not real.is_relative_to(root):
+            links.append(entry.name)
+        elif real.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
             found.append((entry.name, real))
         else:
             ignored.append(entry.name)
     if ignored:
         log.warning("frames: skipped %d files in %s that are not images: %s", len(ignored),
                     folder, ", ".join(ignored))
+    if links:
+        log.warning("frames: skipped %d broken, looping or outside-pointing links in %s: %s",
+                    len(links), folder, ", ".join(links))
     if not found:
         raise InputError(f"no images in {folder} (jpg, jpeg, png, tif, tiff)")
     return found
@@ -128,15 +133,27 @@ def _read_header(name: str, path: Path, log) -> _Photo | None:
     """The photo's size after EXIF orientation, or None (with a warning) if unreadable."""
     from PIL import Image
 
+    turned = False
     try:
         with _pixel_limit(), Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(_ORIENTATION_TAG, 1) in (5, 6, 7, 8):
-                w, h = h, w
+            (w, h), fmt = im.size, im.format
+            if w * h <= MAX_FULL_DECODE or fmt == "JPEG":
+                turned = _orientation(im) in (5, 6, 7, 8)
     except Exception as exc:  # noqa: BLE001 - any header failure means "skip this file"
         log.warning("frames: skipped %s: not a readable image (%s)", name, exc)
         return None
-    return _Photo(name, path, (w, h))
+    if w * h > MAX_FULL_DECODE and fmt != "JPEG":
+        log.warning("frames: skipped %s: %dx%d %s is too large to decode in memory; convert it to JPEG "
+                    "or downscale it", name, w, h, fmt)
+        return None
+    return _Photo(name, path, (h, w) if turned else (w, h))
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation tag (1 = upright) without decoding the pixels."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1  # PIL's getexif would decode the whole PNG looking for an eXIf chunk after the pixels
+    return im.getexif().get(_ORIENTATION_TAG, 1)
 
 
 def choose_size(photos: list[_Photo], mixed: str, folder: Path, log) -> tuple[int, int]:
@@ -179,7 +196,7 @@ def load_photo(path: Path, out_size: tuple[int, int]) -> np.ndarray:
 
     aspect = out_size[0] / out_size[1]
     with _pixel_limit(), Image.open(path) as im:
-        turned = im.getexif().get(_ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+        turned = _orientation(im) in (5, 6, 7, 8)
         oriented = im.size[::-1] if turned else im.size
         box = _crop_box(oriented, aspect)
         scale = out_size[0] / (box[2] - box[0])

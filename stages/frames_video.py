@@ -203,8 +203,9 @@ def _check_selection(path: Path, sel: _Selection, stats: dict) -> None:
         return
     if stats["decoded"] - stats["blank"] == 0:
         raise InputError(f"{path.name}: no usable (textured) frames; all {stats['decoded']} "
-                         "decoded frames are blank")
+                         "decoded frames are blank (black or one flat colour); check the exposure or lens cap")
     if sel.duplicates > 0:
         raise InputError(f"{path.name}: the camera did not move (all frames are near-identical);"
                          " film while walking around the object")
-    raise InputError(f"{path.name}: fewer than 2 usable frames ({stats['decoded']} decoded)")
+    raise InputError(f"{path.name}: fewer than 2 usable frames ({stats['decoded']} decoded); film a few "
+                     "seconds while walking around the object")

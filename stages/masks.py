@@ -11,6 +11,7 @@ dilated. Finally a visual hull of all masks flags frames that disagree with the 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ VERSION = "1"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 WORK_DIR = "_grabcut_work"
 CONSISTENCY_SIDE = 400  # masks are downscaled to this long side for the consistency check
+EMPTY_COVERAGE = 0.001  # a mask covering less than this share of its image holds no object
+FULL_COVERAGE = 0.995  # a mask covering more than this share of its image separates nothing
 
 
 def list_views(sfm_dir: Path) -> tuple[list[str], list[Path], Cameras | None]:
@@ -39,7 +42,9 @@ def list_views(sfm_dir: Path) -> tuple[list[str], list[Path], Cameras | None]:
         cams = load_transforms(tf)
         paths = []
         for name in cams.names:
-            p = sfm_dir / name
+            p = Path(os.path.normpath(sfm_dir / name))
+            if not p.is_relative_to(os.path.normpath(sfm_dir)):
+                raise InputError(f"masks: {tf} names '{name}', outside {sfm_dir}; rerun the sfm stage")
             paths.append(p if p.is_file() else img_dir / Path(name).name)
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
@@ -162,6 +167,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     masks = [post.read_mask(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)]
     if any(m is None for m in masks):
         raise StageError("masks: some masks were not written; rerun the stage")
+    check_usable(masks, method, provided_dir(frames_dir) if method == "provided" else mask_dir)
     frames = _consistency(stems, masks, cams, cfg, log)
     elapsed = time.perf_counter() - start
     summary.update(num_frames=len(stems), reused=reused, computed=len(todo),
@@ -213,6 +219,22 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
         shutil.rmtree(work, ignore_errors=True)
         return info
     raise StageError(f"masks: unknown method {method!r}")
+
+
+def check_usable(masks: list[np.ndarray], method: str, mask_dir: Path) -> None:
+    """Fewer than 2 masks that are neither empty nor the whole image is an error that says why."""
+    cover = np.array([float(m.mean()) for m in masks])
+    empty, full = int((cover < EMPTY_COVERAGE).sum()), int((cover > FULL_COVERAGE).sum())
+    if len(masks) - empty - full >= 2:
+        return
+    what = f"all {len(masks)} masks are empty" if empty == len(masks) else \
+        f"all {len(masks)} masks cover the whole image" if full == len(masks) else \
+        f"of {len(masks)} masks, {empty} are empty and {full} cover the whole image"
+    if method == "provided":
+        raise InputError(f"masks: {what} (the dataset's masks, in {mask_dir}); fix them, or use "
+                         "--set masks.method=grabcut, or --set masks.method=none for scene mode")
+    raise StageError(f"masks: {what} ({method} found no object, in {mask_dir}); try another --set "
+                     "masks.method=rembg|grabcut, or --set masks.method=none for scene mode")
 
 
 def _consistency(stems, masks, cams: Cameras | None, cfg, log) -> list[dict]:

@@ -65,6 +65,8 @@ def _config(folder: Path) -> Path:
 def start(workdir: Path, port: int = 8082, address: str = "127.0.0.1", wait: float = 30.0) -> dict:
     folder = _folder(workdir)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
+    # luigid unpickles state.pickle at start: on a shared workdir nobody else may write here
+    os.chmod(folder, 0o700)
     if (pid := _pid(folder)) is not None:
         raise PipelineError(f"luigid already runs for {workdir} (pid {pid}); stop it first")
     with socket.socket() as s:

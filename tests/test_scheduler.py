@@ -18,6 +18,7 @@ def test_luigid_lifecycle_and_run(tiny_video, tmp_path):
     try:
         info = json.loads(started.stdout)
         assert info["answering"] and info["address"] == "127.0.0.1"
+        assert (wd / ".luigid").stat().st_mode & 0o777 == 0o700  # luigid unpickles its state file
         run = run_cli("run", "--video", str(tiny_video), "--workdir", str(wd), "--until", "frames",
                       "--preset", "fast_cpu", "--no-progress", "--scheduler-host", "127.0.0.1",
                       "--scheduler-port", port)

@@ -4,6 +4,7 @@ with images by sorted order (DTU names them ``000.png`` next to ``000000.png``).
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,13 @@ def load(root: Path, ctx: Context) -> DatasetScene:
     if not images:
         raise InputError(f"{img_dir}: no images")
     width, height = image_size(images[0])
+    with open(npz, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # np.load would take anything else for a pickle
+            raise InputError(f"{npz}: not an .npz archive (a zip of arrays); re-export the cameras")
     try:
         cams, scale = load_neus_npz(npz, [p.name for p in images], width, height)
+    except (zipfile.BadZipFile, EOFError):
+        raise InputError(f"{npz}: damaged or cut-off .npz archive; re-export the cameras") from None
     except (np.linalg.LinAlgError, ValueError, ZeroDivisionError):
         raise InputError(f"{npz}: a world_mat is singular and cannot be decomposed") from None
     check_cameras(cams.K, cams.c2w, npz)
