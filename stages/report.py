@@ -166,7 +166,7 @@ def cameras_section(scene, cfg) -> str:
     info = json.loads((sp / "scene.json").read_text()) if sp and (sp / "scene.json").is_file() else {}
     center = np.asarray(info.get("sphere_center", scene.cams.extra.get("sphere_center", scene.cams.centers.mean(0))))
     radius = float(info.get("sphere_radius", scene.cams.extra.get("sphere_radius", 1.0)))
-    points = np.load(sp / "points.npy") if sp and (sp / "points.npy").is_file() else None
+    points = np.load(sp / "points.npy", allow_pickle=False) if sp and (sp / "points.npy").is_file() else None
     held = held_out_views(scene, cfg)
     png = F.camera_plot(scene.cams.c2w, center, radius, points, held)
     caption = (f"SfM cameras (arrows: viewing direction), bounding sphere (green, centre "
