@@ -186,25 +186,36 @@ def cmd_status(args) -> int:
 
 
 def cmd_gc(args) -> int:
+    """Remove stage folders (and their lock files) that no scene's plan points to, and temporary
+    files of killed writes untouched for 10 minutes. Anything a run holds the lock of is kept."""
+    from pipeline.fsutil import remove_stale_temp_files
     from tasks.execute import lock_file
 
     workdir = Path(args.workdir)
     if not workdir.is_dir():
         raise PipelineError(f"{workdir}: no such workdir")
-    removed = 0
+    removed = temps = 0
+    pattern = re.compile(rf"^({'|'.join(STAGES)})-([0-9a-f]{{{store.KEY_LEN}}})(\.partial|\.lock)?$")
     for scene, plan in store.load_plans(workdir).items():
         keep = {f"{s}-{k}" for s, k in plan["keys"].items()}
-        pattern = re.compile(rf"^({'|'.join(STAGES)})-([0-9a-f]{{{store.KEY_LEN}}})(\.partial)?$")
-        for folder in sorted(store.scene_dir(workdir, scene).iterdir()):
-            m = pattern.match(folder.name)
+        folder = store.scene_dir(workdir, scene)
+        temps += len(remove_stale_temp_files(folder, older_than=600))
+        for path in sorted([*folder.iterdir(), *folder.glob(".locks/*.lock")]):
+            m = pattern.match(path.name)
             if not m or f"{m.group(1)}-{m.group(2)}" in keep:
                 continue
-            with file_lock(lock_file(workdir, scene, m.group(1), m.group(2)), blocking=False) as held:
-                if held:
-                    shutil.rmtree(folder)
+            lock = lock_file(workdir, scene, m.group(1), m.group(2))
+            with file_lock(lock, blocking=False) as held:
+                if held is None or not path.exists():
+                    continue
+                if path != lock:
+                    shutil.rmtree(path)
                     removed += 1
-                    print(f"removed {folder}")
-    print(f"gc: removed {removed} folder(s)")
+                    print(f"removed {path}")
+                final = store.stage_dir(workdir, scene, m.group(1), m.group(2))
+                if not final.exists() and not store.partial_dir(final).exists():
+                    lock.unlink(missing_ok=True)  # safe while held: waiters re-check the inode
+    print(f"gc: removed {removed} folder(s), {temps} temporary file(s)")
     return 0
 
 

@@ -162,6 +162,8 @@ class TrainConfig:
     checkpoint_every: int = opt(2000, "write a checkpoint every this many steps (and on SIGTERM)")
     log_every: int = opt(100, "TensorBoard scalars and the loss curve in train.json every this many steps")
     eval_chunk: int = opt(4096, "rays per chunk when rendering held-out views")
+    gpus: int = opt(1, "GPUs that train this scene together (torchrun DDP; with --device cpu: gloo processes); "
+                       "each draws batch_rays / gpus rays per step, so results match 1 GPU within noise")
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ class MeshConfig:
     skip_margin: float = opt(2.0, "skip coarse cells whose |SDF| exceeds this x their half-diagonal at all corners (0 = evaluate all)")
     eval_chunk: int = opt(262144, "points per SDF call (fixed size, padded, so seam samples get identical values)")
     vertex_colors: bool = opt(True, "colour vertices with the colour network when the model has one")
+    gpus: int = opt(1, "processes (one per GPU; with --device cpu: CPU processes) that share the blocks; "
+                       "the mesh is identical for any number")
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,17 @@
-"""Small file helpers: atomic writes, hashing, locks."""
+"""Small file helpers: atomic writes, hashing, locks, clean-up of killed writers' temporary files."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -74,25 +75,86 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive advisory lock (flock) held for the block; released by the OS if we die.
-
-    Yields True when the lock is held; with ``blocking=False`` yields False when another
-    process holds it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def lock_holder(path: Path) -> str:
+    """What a lock file says about its last holder ("pid 12 on host h since ..."), for messages."""
     try:
+        return Path(path).read_text().strip() or "unknown holder"
+    except OSError:
+        return "unknown holder"
+
+
+def _open_locked(path: Path, blocking: bool, on_wait: Callable[[str], None] | None) -> int | None:
+    """Open ``path`` and flock it; None when ``blocking`` is False and someone holds it.
+
+    The lock belongs to the open file description, so the kernel drops it when the last process
+    holding that descriptor dies (SIGKILL included): there are no stale locks to break. If the
+    file was unlinked or replaced while we waited (``gc`` removes lock files it holds), the lock
+    we got guards nothing and we try again on the file now at ``path``.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES) and not blocking:
-                yield False
-                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not blocking:
+                    os.close(fd)
+                    return None
+                if on_wait is not None:
+                    on_wait(lock_holder(path))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
             raise
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True,
+              on_wait: Callable[[str], None] | None = None) -> Iterator[int | None]:
+    """An exclusive advisory lock (flock) on ``path``, held for the block.
+
+    Yields the locked file descriptor, or None when ``blocking`` is False and another process
+    holds the lock. ``on_wait(holder)`` is called once before blocking. The file records the
+    holder's pid and host (diagnostics only: the kernel, not this text, decides who holds it).
+    A child process that inherits the descriptor (``pass_fds``) keeps the lock until it ends.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _open_locked(path, blocking, on_wait)
+    if fd is None:
+        yield None
+        return
+    try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield True
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+        yield fd
     finally:
         os.close(fd)
+
+
+def remove_stale_temp_files(root: Path, older_than: float = 0.0, recursive: bool = True) -> list[Path]:
+    """Delete temporary files that killed writers leave behind in ``root`` (and below it):
+    our atomic writes' ``.<name>.<random>.tmp`` (and ``.<name>.tmp``) and Luigi's
+    ``*-luigi-tmp-*``. Only files untouched for ``older_than`` seconds go, so a writer that is
+    still running keeps its file."""
+    removed, now = [], time.time()
+    for dirpath, dirs, files in os.walk(root):
+        if not recursive:
+            dirs.clear()
+        for name in files:
+            if not (name.startswith(".") and name.endswith(".tmp")) and "-luigi-tmp-" not in name:
+                continue
+            path = Path(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime >= older_than:
+                    path.unlink()
+                    removed.append(path)
+    return removed

@@ -23,12 +23,13 @@ from pathlib import Path
 from pipeline.config import PipelineConfig, canonical_json, path_fields
 from pipeline.dag import STAGES, UPSTREAM, Source, closure
 from pipeline.errors import InputError, PipelineError
-from pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from pipeline.fsutil import atomic_write_json, read_json, remove_stale_temp_files, sha256_file
 
 KEY_LEN = 12
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 INTERNAL_FILES = (".job.json", ".summary.json", ".error.json")
+STALE_TEMP_SECONDS = 60  # a temporary file untouched this long outside a locked stage folder is a dead write
 
 
 def stage_module_name(stage: str) -> str:
@@ -142,9 +143,29 @@ def is_done(final: Path) -> bool:
     return load_manifest(final) is not None
 
 
+def verify(folder: Path) -> list[str]:
+    """Problems of a finished folder against its manifest (missing, resized or changed files);
+    empty when every listed file is there with its size and sha256."""
+    manifest = load_manifest(folder)
+    if manifest is None:
+        return [f"{folder}: no valid {MANIFEST}"]
+    problems = []
+    for rel, info in sorted(manifest["files"].items()):
+        path = Path(folder) / rel
+        if not path.is_file():
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
+            problems.append(f"{path}: differs from the manifest (size or sha256)")
+    return problems
+
+
 def save_plan(workdir: Path, plan: dict) -> None:
+    """Write the scene's plan as a run starts, and drop temporary files that killed runs left in
+    the scene folder (plan, published copies, error reports) a minute or more ago."""
     folder = scene_dir(workdir, plan["scene"])
     folder.mkdir(parents=True, exist_ok=True)
+    for sub in (folder, folder / ".errors"):
+        remove_stale_temp_files(sub, older_than=STALE_TEMP_SECONDS, recursive=False)
     atomic_write_json(folder / PLAN, plan)
 
 

@@ -4,13 +4,17 @@ the colour network when the model offers one) and ``mesh.json``.
 The block-wise marching cubes lives in ``stages.mesh_blocks`` and only sees an SDF callable;
 this module loads the model, maps unit-sphere coordinates to the world with
 ``sfm_points/scene.json`` ``unit_to_world`` and writes the files. Resume: finished blocks are
-kept in ``out_dir/blocks/`` until ``mesh_raw.ply`` is written.
+kept in ``out_dir/blocks/`` until ``mesh_raw.ply`` is written. ``mesh.gpus`` = N > 1: N-1 helper
+processes (on cuda:1 .. cuda:N-1 of CUDA_VISIBLE_DEVICES, or on the CPU) each load the model
+and mesh a share of the blocks; the welded mesh is the same as with one process.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +47,27 @@ def load_model(train_dir: Path, device: str) -> SdfModel:
     load_color = getattr(train, "load_color", None)
     return SdfModel(sdf=load_sdf(Path(train_dir), device),
                     load_colour=(lambda: load_color(Path(train_dir), device)) if load_color else None)
+
+
+def load_sdf_on(train_dir: Path, device: str) -> Callable:
+    """The SDF of a helper process (picklable through ``functools.partial``)."""
+    return load_model(train_dir, device).sdf
+
+
+def helper_devices(device: str, gpus: int) -> list[str]:
+    """Devices of the helper processes: the other visible GPUs, or the CPU."""
+    if gpus < 1:
+        raise ConfigError(f"mesh.gpus must be at least 1, got {gpus}")
+    if not str(device).startswith("cuda"):
+        return ["cpu"] * (gpus - 1)
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise ConfigError(f"mesh.gpus={gpus} but {visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); pass --gpus with {gpus} cards "
+                          f"or set mesh.gpus={max(1, visible)}")
+    return [f"cuda:{k}" for k in range(1, gpus)]
 
 
 def read_unit_to_world(sfm_points_dir: Path) -> np.ndarray:
@@ -111,14 +136,21 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
         raise ConfigError(f"mesh: {exc}") from None
     out_dir = Path(out_dir)
     unit_to_world = read_unit_to_world(inputs["sfm_points"])
+    devices = helper_devices(ctx.device, cfg.gpus)
     model = load_model(inputs["train"], ctx.device)
     blocks_dir = out_dir / "blocks"
     stats: dict = {}
-    ctx.log.info("mesh: marching cubes at %d^3 in %d^3 blocks on %s", cfg.resolution, cfg.block_res, ctx.device)
-    vertices, faces = compute_mesh(model.sdf, cfg.resolution, cfg.block_res, ctx.device,
-                                   coarse_factor=cfg.coarse_factor, skip_margin=cfg.skip_margin,
-                                   chunk=cfg.eval_chunk, blocks_dir=blocks_dir, workers=ctx.threads,
-                                   progress=ctx.progress, stats=stats)
+    ctx.log.info("mesh: marching cubes at %d^3 in %d^3 blocks on %s", cfg.resolution, cfg.block_res,
+                 ", ".join([str(ctx.device), *devices]))
+    factory = functools.partial(load_sdf_on, Path(inputs["train"]))
+    try:
+        vertices, faces = compute_mesh(model.sdf, cfg.resolution, cfg.block_res, ctx.device,
+                                       coarse_factor=cfg.coarse_factor, skip_margin=cfg.skip_margin,
+                                       chunk=cfg.eval_chunk, blocks_dir=blocks_dir, workers=ctx.threads,
+                                       progress=ctx.progress, stats=stats, helpers=[(factory, d) for d in devices])
+    except BrokenProcessPool:
+        raise StageError(f"mesh: a helper process on {', '.join(devices)} died (out of memory?); rerun to "
+                         "resume from the finished blocks, or set mesh.gpus=1") from None
     if len(faces) == 0:
         raise StageError(f"mesh: the SDF has no surface inside the bounding sphere at resolution "
                          f"{cfg.resolution}; training probably failed (check train.json losses) "

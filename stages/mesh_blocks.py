@@ -24,14 +24,15 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -299,12 +300,15 @@ def _prepare_blocks_dir(blocks_dir: Path, grid: Grid) -> None:
 def compute_mesh(sdf_fn: Callable, resolution: int = 512, block_res: int = 128, device="cpu", *,
                  coarse_factor: int = 8, skip_margin: float = 2.0, chunk: int = 1 << 18,
                  blocks_dir: Path | None = None, workers: int = 0, progress: bool = False,
-                 stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 stats: dict | None = None, helpers: Sequence[tuple[Callable, str]] = ()
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Mesh the zero level set of ``sdf_fn`` (torch (N, 3) -> (N,), unit-cube coordinates,
     negative inside) inside the unit sphere. Returns vertices (V, 3) float64 in unit-cube
     coordinates and faces (F, 3) int64, outward oriented. ``blocks_dir`` holds one file per
     finished block (a rerun skips those; the caller removes the folder); None = a temporary
-    folder. ``stats`` (a dict) receives counts and timings. Memory is bounded by one block."""
+    folder. ``stats`` (a dict) receives counts and timings. Memory is bounded by one block.
+    ``helpers``: (sdf_factory, device) pairs, each a spawned process that meshes an equal share
+    of the blocks with ``sdf_factory(device)`` (picklable); the mesh is the same bit for bit."""
     import torch
 
     t0 = time.perf_counter()
@@ -319,7 +323,7 @@ def compute_mesh(sdf_fn: Callable, resolution: int = 512, block_res: int = 128, 
         blocks_dir = Path(tmp_dir)
     try:
         _prepare_blocks_dir(Path(blocks_dir), grid)
-        counts, done = _run_blocks(sdf_fn, grid, device, chunk, Path(blocks_dir), workers, progress)
+        counts, done = _run_blocks(sdf_fn, grid, device, chunk, Path(blocks_dir), workers, progress, helpers)
         parts = []
         for index in done:
             with np.load(_block_path(Path(blocks_dir), index)) as z:
@@ -333,51 +337,82 @@ def compute_mesh(sdf_fn: Callable, resolution: int = 512, block_res: int = 128, 
         stats.update(counts, resolution=grid.resolution, block_res=grid.block_res,
                      coarse_factor=grid.coarse_factor, skip_margin=grid.skip_margin,
                      vertices=len(vertices), faces=len(faces), degenerate_faces_dropped=dropped,
-                     seconds=round(time.perf_counter() - t0, 3), peak_gpu_bytes=int(peak))
+                     seconds=round(time.perf_counter() - t0, 3), peak_gpu_bytes=int(peak), processes=1 + len(helpers))
     return vertices, faces
 
 
-def _run_blocks(sdf_fn, grid: Grid, device, chunk: int, blocks_dir: Path, workers: int, progress: bool):
-    """Evaluate blocks on ``device`` (main thread) and march them in a thread pool; returns the
-    counts and the indices of the blocks that have a file, in a fixed order."""
+def _run_blocks(sdf_fn, grid: Grid, device, chunk: int, blocks_dir: Path, workers: int, progress: bool,
+                helpers: Sequence[tuple[Callable, str]]):
+    """Coarse pass, then the blocks to evaluate dealt round-robin to this process and the
+    helpers; returns the counts and the indices of the blocks that have a file, in a fixed order."""
     ev = Evaluator(sdf_fn, device, chunk)
-    nb = grid.blocks_per_axis
-    indices = list(itertools.product(range(nb), repeat=3))
-    counts = {"blocks_total": len(indices), "blocks_outside_sphere": 0, "blocks_far": 0,
+    counts = {"blocks_total": grid.blocks_per_axis ** 3, "blocks_outside_sphere": 0, "blocks_far": 0,
               "blocks_evaluated": 0, "blocks_resumed": 0}
     coarse = coarse_values(ev, grid)
     candidates = candidate_blocks(coarse, grid, device)
-    done, pending = [], []
+    done, todo = [], []
+    for index in itertools.product(range(grid.blocks_per_axis), repeat=3):
+        if grid.block_outside_sphere(index):
+            counts["blocks_outside_sphere"] += 1
+        elif _block_path(blocks_dir, index).exists():
+            counts["blocks_resumed"] += 1
+            done.append(index)
+        elif not candidates[index]:
+            counts["blocks_far"] += 1
+        else:
+            todo.append(index)
+    shares = [todo[k::1 + len(helpers)] for k in range(1 + len(helpers))]
+    pool = ProcessPoolExecutor(len(helpers), mp_context=multiprocessing.get_context("spawn")) if helpers else None
+    try:
+        jobs = [pool.submit(_helper, factory, dev, grid, chunk, coarse, share, blocks_dir)
+                for (factory, dev), share in zip(helpers, shares[1:])]
+        results = [march_blocks(ev, grid, coarse, shares[0], blocks_dir, workers, progress)]
+        results += [job.result() for job in jobs]
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    done += [index for written, _ in results for index in written]
+    counts["samples_evaluated"] = sum(samples for _, samples in results)
+    counts["blocks_evaluated"] = len(done) - counts["blocks_resumed"]
+    counts["blocks_far"] += len(todo) - counts["blocks_evaluated"]
+    counts["samples_dense"] = (grid.resolution + 1) ** 3
+    return counts, sorted(done)
+
+
+def _helper(sdf_factory: Callable, device: str, grid: Grid, chunk: int, coarse: np.ndarray, todo: list,
+            blocks_dir: Path) -> tuple[list, int]:
+    """A helper process: its own SDF on its own device, marching its share of the blocks."""
+    import torch
+
+    ev = Evaluator(sdf_factory(device), torch.device(device), chunk)
+    return march_blocks(ev, grid, coarse, todo, blocks_dir, 0, False)
+
+
+def march_blocks(ev: Evaluator, grid: Grid, coarse: np.ndarray, todo: list, blocks_dir: Path, workers: int,
+                 progress: bool) -> tuple[list, int]:
+    """Evaluate the blocks ``todo`` on ``ev``'s device (this thread) and march them in a thread
+    pool, each into its block file; returns the blocks that got a file and the samples evaluated
+    (the coarse pass's included when ``ev`` made it)."""
+    written, pending = [], []
     workers = workers or max(1, min(16, (os.cpu_count() or 2) - 1))
 
     def finish(index, vals, mask):
         _save_block(_block_path(blocks_dir, index), march_block(vals, mask, grid.block(index)[0], grid))
 
     # On the CPU, torch's own threads spin while a marching thread runs: march inline there.
-    inline = device.type == "cpu"
+    inline = ev.device.type == "cpu"
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index in progress_bar(indices, progress, desc="mesh blocks", unit="block"):
-            if grid.block_outside_sphere(index):
-                counts["blocks_outside_sphere"] += 1
-                continue
-            if _block_path(blocks_dir, index).exists():
-                counts["blocks_resumed"] += 1
-                done.append(index)
-                continue
-            out = block_values(ev, grid, coarse, index) if candidates[index] else None
+        for index in progress_bar(todo, progress, desc="mesh blocks", unit="block"):
+            out = block_values(ev, grid, coarse, index)
             if out is None:
-                counts["blocks_far"] += 1
                 continue
-            counts["blocks_evaluated"] += 1
             if inline:
                 finish(index, *out)
             else:
                 pending.append(pool.submit(finish, index, *out))
-            done.append(index)
+            written.append(index)
             while len(pending) > 2 * workers:
                 pending.pop(0).result()
         for job in pending:
             job.result()
-    counts["samples_evaluated"] = ev.samples
-    counts["samples_dense"] = (grid.resolution + 1) ** 3
-    return counts, sorted(done)
+    return written, ev.samples

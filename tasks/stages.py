@@ -7,7 +7,7 @@ import luigi
 
 from pipeline import store
 from pipeline.dag import GPU_STAGES, UPSTREAM
-from tasks.gpus import parse_gpus, resource_name
+from tasks.gpus import parse_gpus, resource_name, resource_units
 from tasks.execute import run_stage
 
 
@@ -24,8 +24,9 @@ class StageTask(luigi.Task):
     @property
     def resources(self):
         op = json.loads(self.op)
-        if self.stage in GPU_STAGES and parse_gpus(op.get("gpus")) and op.get("device") != "cpu":
-            return {resource_name(): 1}
+        gpus = parse_gpus(op.get("gpus"))
+        if self.stage in GPU_STAGES and gpus and op.get("device") != "cpu":
+            return {resource_name(): resource_units(json.loads(self.plan)["config"].get(self.stage), gpus)}
         return {}
 
     def requires(self):

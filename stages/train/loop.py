@@ -1,5 +1,7 @@
 """The training loop: set up, step (rays -> render -> losses -> AdamW), checkpoint, resume,
-recover from non-finite losses. State lives in :class:`Run`; schedules are pure functions."""
+recover from non-finite losses. State lives in :class:`Run`; schedules are pure functions.
+With several ranks (``Run.comm``, see ``stages.train.ddp``) each draws its share of the rays,
+gradients are averaged, rank 0 computes the occupancy grid and writes the checkpoints."""
 from __future__ import annotations
 
 import dataclasses
@@ -51,6 +53,12 @@ class Run:
     compiled: bool
     progress: Progress = field(default_factory=Progress)
     compile_checked: bool = False
+    comm: object | None = None  # stages.train.ddp.Comm when several ranks train together
+
+    @property
+    def main(self) -> bool:
+        """True on the rank that writes files (the only one without DDP)."""
+        return self.comm is None or self.comm.is_main
 
 
 def amp_dtype(cfg, device: torch.device):
@@ -86,7 +94,7 @@ def uncompile(model: NeuSModel) -> None:
         part._compiled_call_impl = None
 
 
-def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, log) -> Run:
+def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, log, comm=None) -> Run:
     object_mode = cfg.mode == "object" or (cfg.mode == "auto" and scene.masks is not None)
     if object_mode and scene.masks is None:
         raise StageError("train.mode=object needs masks, but the masks stage made none; "
@@ -111,7 +119,7 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
     t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
     return Run(cfg, device, model, opt, scaler, sampler, OccupancyGrid(cfg.occ_resolution, device), opts,
                t(scene.points, torch.float32), t(scene.view_offsets, torch.long), t(scene.view_indices, torch.long),
-               object_mode, backend, compiled)
+               object_mode, backend, compiled, comm=comm)
 
 
 def sfm_points_of(run: Run, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -143,8 +151,8 @@ def apply_schedules(run: Run, step: int) -> dict[str, float]:
 
 
 def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
-    cfg = run.cfg
-    batch = run.sampler.sample(cfg.batch_rays, cfg.views_per_batch, cfg.mask_ray_fraction)
+    cfg, ranks = run.cfg, 1 if run.comm is None else run.comm.world
+    batch = run.sampler.sample(cfg.batch_rays // ranks, max(1, cfg.views_per_batch // ranks), cfg.mask_ray_fraction)
     bg, target = None, batch.rgb
     if run.object_mode:
         if cfg.background_color == "random":
@@ -168,13 +176,18 @@ def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
     return total, {**{k: v.detach() for k, v in terms.items()}, **info}
 
 
-def optimise(run: Run, loss: torch.Tensor) -> None:
+def optimise(run: Run, loss: torch.Tensor, finite: bool = True) -> bool:
+    """Backward and AdamW step; with several ranks the gradients are averaged first. Returns
+    False, without a step, when the loss was not finite here or on another rank."""
+    if run.comm is None and not finite:
+        return False
     run.optimizer.zero_grad(set_to_none=True)
+    if finite:
+        (loss if run.scaler is None else run.scaler.scale(loss)).backward()
+    if run.comm is not None and not run.comm.average_grads(list(run.model.parameters()), finite):
+        return False
     if run.scaler is not None:
-        run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.optimizer)
-    else:
-        loss.backward()
     if run.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     if run.scaler is not None:
@@ -182,13 +195,17 @@ def optimise(run: Run, loss: torch.Tensor) -> None:
         run.scaler.update()
     else:
         run.optimizer.step()
+    return True
 
 
 def update_occupancy(run: Run, step: int) -> None:
     if step >= run.cfg.occ_warmup_steps and step % max(1, run.cfg.occ_update_every) == 0 or \
             step == run.cfg.occ_warmup_steps:
-        inv_s = float(run.model.inv_s().detach())
-        run.occ.update(run.model.sdf, inv_s, run.cfg.occ_margin_cells, run.cfg.occ_margin_s)
+        if run.main:
+            inv_s = float(run.model.inv_s().detach())
+            run.occ.update(run.model.sdf, inv_s, run.cfg.occ_margin_cells, run.cfg.occ_margin_s)
+        if run.comm is not None:
+            run.comm.broadcast_occupancy(run.occ)
 
 
 def train_step(run: Run, step: int, hook: Callable | None = None) -> dict | None:
@@ -199,9 +216,8 @@ def train_step(run: Run, step: int, hook: Callable | None = None) -> dict | None
     if hook is not None:
         loss = hook(step, loss)
     value = float(loss.detach())
-    if not math.isfinite(value):
+    if not optimise(run, loss, math.isfinite(value)):
         return None
-    optimise(run, loss)
     metrics = {k: float(v) for k, v in terms.items()}
     metrics.update(loss=value, active_levels=weights["active_levels"], eps=run.opts.eps,
                    lr=run.optimizer.param_groups[-1]["lr"])
@@ -209,11 +225,28 @@ def train_step(run: Run, step: int, hook: Callable | None = None) -> dict | None
 
 
 def state_payload(run: Run) -> dict:
+    """The checkpoint; with several ranks every rank's RNG state too (``rng_ranks``), so that a
+    resume continues each rank's ray stream. Collective: call it on every rank."""
+    rng = checkpoint.rng_state(run.device)
+    payload = {"rng": rng}
+    if run.comm is not None:
+        payload["rng_ranks"] = run.comm.gather(rng)
+    if not run.main:
+        return {}
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
-            "occupancy": run.occ.state_dict(), "rng": checkpoint.rng_state(run.device),
+            "occupancy": run.occ.state_dict(), **payload,
             "progress": dataclasses.asdict(run.progress), "config": dataclasses.asdict(run.cfg),
             "object_mode": run.object_mode}
+
+
+def save_checkpoint(run: Run, ckpt_dir: Path, step: int) -> None:
+    """Rank 0 writes; the others wait until the file is there (a later reload reads it)."""
+    payload = state_payload(run)
+    if run.main:
+        checkpoint.save(ckpt_dir, step, payload)
+    if run.comm is not None:
+        run.comm.barrier()
 
 
 def restore(run: Run, path: Path, keep_counters: bool = False) -> None:
@@ -230,7 +263,10 @@ def restore(run: Run, path: Path, keep_counters: bool = False) -> None:
     if run.scaler is not None and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])
     run.occ.load_state_dict(state["occupancy"])
-    checkpoint.set_rng_state(state["rng"], run.device)
+    if run.comm is None:
+        checkpoint.set_rng_state(state["rng"], run.device)
+    else:
+        run.comm.restore_rng(state, run.device)
     old = run.progress
     run.progress = Progress(**state["progress"])
     if keep_counters:
@@ -263,6 +299,8 @@ def _writer(tb_dir: Path, log):
 def _record(run: Run, step: int, metrics: dict, writer) -> None:
     if step % max(1, run.cfg.log_every) and step != run.cfg.iterations:
         return
+    if run.comm is not None:
+        metrics = run.comm.mean_metrics(metrics)
     run.progress.history.append({"step": step, **{k: metrics[k] for k in sorted(metrics)}})
     if writer is not None:
         for key, value in metrics.items():
@@ -292,12 +330,15 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
     loss) -> loss`` lets tests inject failures."""
     cfg, ckpt_dir = run.cfg, out_dir / "checkpoints"
     last = checkpoint.latest(ckpt_dir)
+    if run.comm is not None:
+        run.comm.barrier()  # every rank has looked before rank 0 writes step 0
     if last is not None:
         restore(run, last)
+        apply_schedules(run, max(0, run.progress.step - 1))  # eps, levels, anneal even when no step is left
         log.info("train: resuming from %s (step %d)", last.name, run.progress.step)
     else:
-        checkpoint.save(ckpt_dir, 0, state_payload(run))
-    writer = _writer(out_dir / "tb", log)
+        save_checkpoint(run, ckpt_dir, 0)
+    writer = _writer(out_dir / "tb", log) if run.main else None
     bar = None
     if show_progress:
         from tqdm import tqdm
@@ -320,7 +361,7 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
                                 it_s=f"{(step + 1 - bar.initial) / max(run.progress.elapsed - base, 1e-9):.1f}")
             stopping = should_stop()
             if (step + 1) % max(1, cfg.checkpoint_every) == 0 or stopping or step + 1 == cfg.iterations:
-                checkpoint.save(ckpt_dir, step + 1, state_payload(run))
+                save_checkpoint(run, ckpt_dir, step + 1)
             if stopping:
                 raise StageError(f"train: stopped by SIGTERM at step {step + 1}; checkpoint saved, "
                                  "rerun to resume")

@@ -1,4 +1,6 @@
-"""The train stage's ``run``: load inputs, train (resuming), write ``model.pt`` and ``train.json``."""
+"""The train stage's ``run``: load inputs, train (resuming), write ``model.pt`` and ``train.json``.
+With ``train.gpus`` > 1 it hands over to ``stages.train.ddp.launch`` (torchrun), whose ranks
+come back here with a ``comm``."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_json
 from stages.train import checkpoint, loop
 from stages.train.data import load_scene, split_views
@@ -75,9 +78,17 @@ def evaluate_holdout(run: loop.Run, scene, held: np.ndarray, cfg) -> dict:
             "holdout_psnr_views": [scene.names[v] for v in views]}
 
 
-def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None) -> dict:
+def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None, comm=None) -> dict:
+    """Train into ``out_dir``. ``comm``: this process is one rank of a DDP run (only rank 0
+    writes files and returns the summary; the others return {})."""
     from stages.train import VERSION
 
+    if cfg.gpus < 1:
+        raise ConfigError(f"train.gpus must be at least 1, got {cfg.gpus}")
+    if cfg.gpus > 1 and comm is None:
+        from stages.train.ddp import launch
+
+        return launch(inputs, cfg, Path(out_dir), ctx)
     out_dir = Path(out_dir)
     log, device = ctx.log, resolve_device(ctx.device)
     if ctx.threads and device.type == "cpu":
@@ -85,23 +96,31 @@ def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None) -> dict:
     seed_everything(cfg.seed)
     scene = load_scene(inputs, log)
     train_views, held = split_views(len(scene.names), cfg.holdout_every)
-    run = loop.setup(scene, train_views, cfg, device, log)
-    log.info("train: %d views (%d held out), %s mode, backend %s, device %s", len(run.sampler.view_ids),
-             len(held), "object" if run.object_mode else "scene", run.backend, device)
+    run = loop.setup(scene, train_views, cfg, device, log, comm)
+    if comm is not None:
+        comm.start(run.model, cfg.seed)  # rank 0's initial parameters everywhere, a ray seed per rank
+    log.info("train: %d views (%d held out), %s mode, backend %s, device %s%s", len(run.sampler.view_ids),
+             len(held), "object" if run.object_mode else "scene", run.backend, device,
+             "" if comm is None else f", {comm.world} ranks")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with sigterm_flag() as should_stop:
-        progress = loop.train(run, out_dir, log, ctx.progress, should_stop, hook)
+        stop = should_stop if comm is None else (lambda: comm.any(should_stop()))
+        progress = loop.train(run, out_dir, log, ctx.progress and run.main, stop, hook)
+    ddp = comm.finish(run) if comm is not None else None
+    if not run.main:
+        return {}
     save_model(run, scene, out_dir, VERSION)
     t0 = time.perf_counter()
     holdout = evaluate_holdout(run, scene, held, cfg)
     summary = summarise(run, progress, holdout, held, scene, device)
+    summary["ddp"] = ddp
     summary["eval_seconds"] = time.perf_counter() - t0
     atomic_write_json(out_dir / "train.json", summary)
     log.info("train: %d steps in %.0f s, PSNR %.2f (held-out %s), inv_s %.0f", progress.step, progress.elapsed,
              summary["train_psnr"], summary["holdout_psnr"], summary["final"].get("inv_s", 0))
     return {k: summary[k] for k in ("iterations", "wall_seconds", "train_psnr", "holdout_psnr", "backend",
-                                    "peak_gpu_memory_gb", "samples_per_second")}
+                                    "peak_gpu_memory_gb", "samples_per_second", "gpus")}
 
 
 def summarise(run: loop.Run, progress: loop.Progress, holdout: dict, held, scene, device) -> dict:
@@ -110,7 +129,7 @@ def summarise(run: loop.Run, progress: loop.Progress, holdout: dict, held, scene
     final = {k: float(np.mean([h[k] for h in tail])) for k in (tail[0] if tail else {}) if k != "step"}
     samples = progress.step * run.cfg.batch_rays * run.cfg.samples_per_ray
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return {"iterations": progress.step, "wall_seconds": progress.elapsed, "final": final,
+    return {"iterations": progress.step, "wall_seconds": progress.elapsed, "final": final, "gpus": run.cfg.gpus,
             "train_psnr": final.get("psnr"), "peak_gpu_memory_gb": peak,
             "samples_per_second": samples / max(progress.elapsed, 1e-9), "backend": run.backend,
             "compiled": run.compiled, "device": str(device), "mode": "object" if run.object_mode else "scene",
