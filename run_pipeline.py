@@ -186,8 +186,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    """Remove stage folders (and their lock files) that no scene's plan points to, and temporary
-    files of killed writes untouched for 10 minutes. Anything a run holds the lock of is kept."""
+    """Remove stage folders (and their lock files) that neither a scene's current plan nor its last
+    finished run's plan points to, and temporary files of killed writes untouched for 10 minutes.
+    Anything a run holds the lock of is kept."""
     from pipeline.fsutil import remove_stale_temp_files
     from tasks.execute import lock_file
 
@@ -196,8 +197,9 @@ def cmd_gc(args) -> int:
         raise PipelineError(f"{workdir}: no such workdir")
     removed = temps = 0
     pattern = re.compile(rf"^({'|'.join(STAGES)})-([0-9a-f]{{{store.KEY_LEN}}})(\.partial|\.lock)?$")
+    done = store.load_plans(workdir, store.DONE_PLAN)
     for scene, plan in store.load_plans(workdir).items():
-        keep = {f"{s}-{k}" for s, k in plan["keys"].items()}
+        keep = {f"{s}-{k}" for p in (plan, done.get(scene, {"keys": {}})) for s, k in p["keys"].items()}
         folder = store.scene_dir(workdir, scene)
         temps += len(remove_stale_temp_files(folder, older_than=600))
         for path in sorted([*folder.iterdir(), *folder.glob(".locks/*.lock")]):

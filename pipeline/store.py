@@ -28,6 +28,7 @@ from pipeline.fsutil import atomic_write_json, read_json, remove_stale_temp_file
 KEY_LEN = 12
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
+DONE_PLAN = "plan_done.json"  # the plan of the scene's last run that finished: gc keeps its folders too
 INTERNAL_FILES = (".job.json", ".summary.json", ".error.json")
 STALE_TEMP_SECONDS = 60  # a temporary file untouched this long outside a locked stage folder is a dead write
 
@@ -169,9 +170,14 @@ def save_plan(workdir: Path, plan: dict) -> None:
     atomic_write_json(folder / PLAN, plan)
 
 
-def load_plans(workdir: Path) -> dict[str, dict]:
+def save_done_plan(workdir: Path, plan: dict) -> None:
+    """Remember the plan of a run that finished (a later failed or changed run replaces plan.json)."""
+    atomic_write_json(scene_dir(workdir, plan["scene"]) / DONE_PLAN, plan)
+
+
+def load_plans(workdir: Path, name: str = PLAN) -> dict[str, dict]:
     plans = {}
-    for path in sorted(Path(workdir).glob(f"*/{PLAN}")):
+    for path in sorted(Path(workdir).glob(f"*/{name}")):
         try:
             plans[path.parent.name] = read_json(path)
         except (OSError, ValueError):

@@ -106,4 +106,5 @@ def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: st
     for plan in plans:
         if store.is_done(store.stage_dir(workdir, plan["scene"], plan["until"], plan["keys"][plan["until"]])):
             publish(workdir, plan)
+            store.save_done_plan(workdir, plan)
     return BuildResult(ok=ok, status=result.status.name, failures=failures, summary=result.summary_text)

@@ -50,6 +50,17 @@ def test_rerun_is_cached_and_parameter_change_reruns(tiny_video, tmp_path):
     assert len(_manifests(wd)) == 1
 
 
+def test_gc_after_a_failed_changed_run_keeps_the_last_finished_run(tiny_video, tmp_path):
+    wd = tmp_path / "wd"
+    assert _run(tiny_video, wd).returncode == 0
+    finished = _manifests(wd)
+    failed = _run(tiny_video, wd, "--set", "frames.target_count=10", env={"PIPELINE_FAIL_STAGE": "frames"})
+    assert failed.returncode != 0
+    gc = run_cli("gc", "--workdir", str(wd))
+    assert gc.returncode == 0 and "removed 0 folder" in gc.stdout, gc.stdout
+    assert _manifests(wd) == finished
+
+
 def test_failing_stage_leaves_no_manifest_and_next_run_matches(tiny_video, tmp_path):
     wd, clean = tmp_path / "wd", tmp_path / "clean"
     bad = _run(tiny_video, wd, env={"PIPELINE_FAIL_STAGE": "frames"})
