@@ -98,7 +98,10 @@ def _fail(plan: dict, stage: str, workdir: Path, partial: Path, rc: int) -> Stag
     try:
         err = read_json(err_path)
     except (OSError, ValueError):
-        err = {"message": f"stage process exited with code {rc} and left no error report",
+        from pipeline.disk import is_full
+
+        full = " and the disk is full; free some space and rerun" if is_full(partial) else ""
+        err = {"message": f"stage process exited with code {rc} and left no error report{full}",
                "kind": "Crash", "traceback": ""}
     scene, key = plan["scene"], plan["keys"][stage]
     target = error_file(workdir, scene, stage, key)
