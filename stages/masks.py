@@ -215,7 +215,7 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
         info = {"seed_points": int(len(obj)), "rounds": int(cfg.grabcut_rounds), "repaired": 0}
         if todo:
             info.update(masks_grabcut.compute(stems, lambda i: load_rgb(paths[i]), shapes, cams, obj, cfg, work,
-                                              final, finish, ctx.log, bar))
+                                              final, finish, ctx.log, bar, ctx.threads or os.cpu_count() or 1))
         shutil.rmtree(work, ignore_errors=True)
         return info
     raise StageError(f"masks: unknown method {method!r}")

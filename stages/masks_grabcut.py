@@ -14,6 +14,8 @@ Intermediate passes are saved per frame under a work folder so a killed run resu
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +28,7 @@ GC_BGD, GC_FGD, GC_PR_BGD, GC_PR_FGD = 0, 1, 2, 3
 MIN_WORK_SIDE = 320  # small object regions are upsampled (up to MAX_UPSCALE) for sub-pixel edges
 MAX_UPSCALE = 4.0
 REPAIR_FRAC = 0.01  # a mask with more than this share outside the consensus silhouette is redone
+STATS_LOCK = threading.Lock()
 CONSENSUS_TOL = 0.1  # consensus hull: a voxel survives when at most this share of the views miss it
 
 
@@ -259,18 +262,33 @@ def _repaired_mask(i: int, load_image, shape, cams: Cameras, obj_pts: np.ndarray
         band = max(2, int(round(0.01 * max(shape))))
         if (prev & ~post.dilate(sil, band)).sum() <= REPAIR_FRAC * prev.sum():
             return prev
-    stats["repaired"] = stats.get("repaired", 0) + 1
+    with STATS_LOCK:
+        stats["repaired"] = stats.get("repaired", 0) + 1
     tri = consensus_trimap(sil, prev, _project(obj_pts, cams, i))
     if tri is None:
         return prev if prev is not None else _seed_mask(i, load_image, shape, cams, obj_pts, cfg)
     return grabcut(load_image(i), tri, int(cfg.grabcut_iters), int(cfg.grabcut_max_side))
 
 
+def for_each_frame(work: Callable[[int], None], frames: list[int], bar, threads: int) -> None:
+    """``work(i)`` for every frame, ``threads`` at a time (OpenCV's GrabCut releases the GIL; each
+    frame writes its own file, so a kill still loses only the frames in flight)."""
+    if threads <= 1 or len(frames) < 2:
+        for i in bar(frames):
+            work(i)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in bar(pool.map(work, frames)):
+            pass
+
+
 def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: Cameras | None,
             obj_pts: np.ndarray, cfg, work_dir: Path, final: dict[str, np.ndarray | None],
-            save_final: Callable[[str, np.ndarray], None], log: logging.Logger, bar=iter) -> dict:
+            save_final: Callable[[str, np.ndarray], None], log: logging.Logger, bar=iter,
+            threads: int = 1) -> dict:
     """Run all passes. ``final[stem]`` holds already finished masks (None = to compute);
-    ``save_final`` writes a finished mask. Intermediate masks live in ``work_dir/pass<k>/``."""
+    ``save_final`` writes a finished mask. Intermediate masks live in ``work_dir/pass<k>/``.
+    ``threads`` frames are segmented at once."""
     rounds = max(1, int(cfg.grabcut_rounds))
     todo = {s for s, m in final.items() if m is None}
     if cams is None or len(obj_pts) < 3:
@@ -302,9 +320,8 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
             mask_of = (lambda i, p=prev, h=hull: _repaired_mask(i, load_image, shapes[i], cams, obj_pts, cfg, h,
                                                                 p[i], stats))
         log.info("masks: grabcut pass %d/%d on %d frames", k + 1, rounds, len(stems) - len(skip))
-        for i in bar(range(len(stems))):
-            if stems[i] not in skip:
-                save(stems[i], mask_of(i))
+        frames = [i for i in range(len(stems)) if stems[i] not in skip]
+        for_each_frame(lambda i, m=mask_of, w=save: w(stems[i], m(i)), frames, bar, threads)
         if not last:
             prev = []
             for i, s in enumerate(stems):
