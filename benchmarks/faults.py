@@ -214,7 +214,7 @@ def _same_checkpoint(a: Path, b: Path) -> bool:
         if isinstance(obj, (list, tuple)):
             return {k: v for i, val in enumerate(obj) for k, v in flat(val, f"{prefix}[{i}]").items()}
         return {prefix: obj}
-    fa, fb = (flat(torch.load(p, map_location="cpu", weights_only=False)) for p in (a, b))  # our own files
+    fa, fb = (flat(torch.load(p, map_location="cpu", weights_only=True)) for p in (a, b))
     return fa.keys() == fb.keys() and all(
         torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k]) else fa[k] == fb[k] for k in fa)
 

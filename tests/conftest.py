@@ -1,6 +1,7 @@
 """Shared fixtures: tiny inputs made inside the tests, and a CLI runner."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -10,6 +11,16 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_pipeline_logger():
+    """A test that runs a CLI or stage entry point in-process sets up the "pipeline" logger
+    (own handler, no propagation); put it back so later tests' caplog still sees its records."""
+    log = logging.getLogger("pipeline")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
