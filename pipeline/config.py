@@ -30,7 +30,7 @@ def opt(default: Any, doc: str, path: bool = False) -> Any:
 
 @dataclass(frozen=True)
 class FramesConfig:
-    target_count: int = opt(150, "number of frames to keep from a video, spread over its length")
+    target_count: int = opt(100, "number of frames to keep from a video, spread over its length (the sharpest of each window); 100 views of an orbit register as accurately as 150 for 60 % of the SfM time")
     max_side: int = opt(1600, "downscale so the long image side is at most this many pixels")
     min_side: int = opt(32, "reject images whose short side is smaller than this")
     dedup_threshold: float = opt(0.01, "drop a frame whose mean abs difference to the last kept one is below this (0..1)")
@@ -44,16 +44,18 @@ class SfmConfig:
         "SIMPLE_RADIAL", "COLMAP camera model shared by all frames")
     matcher: Literal["auto", "sequential", "exhaustive"] = opt(
         "auto", "feature matching: auto = sequential for video, exhaustive for photo sets")
-    mapper: Literal["incremental", "global"] = opt("incremental", "pycolmap mapper")
-    fallback_mapper: bool = opt(True, "when the incremental mapper leaves frames out, also run the global one and keep the model with more frames")
+    mapper: Literal["incremental", "global"] = opt("global", "pycolmap mapper: global (GLOMAP; parallel, as accurate on orbits) or incremental")
+    fallback_mapper: bool = opt(True, "when the mapper leaves frames out, also run the other one and keep the model with more frames")
     min_registered_ratio: float = opt(0.6, "fail when fewer than this share of frames register")
     max_image_size: int = opt(1600, "SIFT extraction downscales images to this long side")
     max_num_features: int = opt(8192, "SIFT features per image")
     peak_threshold: float = opt(0.004, "SIFT peak threshold; lower finds more features on low-contrast surfaces (COLMAP: 0.0067)")
+    sift_upsample_below: int = opt(1000, "SIFT doubles the image first (COLMAP's first octave -1) only when its long side is below this; larger images start at full size, ~4x faster")
     min_num_inliers: int = opt(15, "incremental mapper: fewest 2D-3D inliers to register an image (COLMAP: 30)")
-    sequential_overlap: int = opt(10, "sequential matcher: match each frame with this many neighbours")
+    sequential_overlap: int = opt(5, "sequential matcher: match each frame with this many neighbours (and with those 2^k ahead up to 2^(N-1))")
     loop_closure_stride: int = opt(10, "sequential matcher: exhaustive matching among every Nth frame")
     refine_principal_point: bool = opt(True, "refine the principal point in a final bundle adjustment")
+    ba_max_iterations: int = opt(50, "final bundle adjustment: at most this many Ceres iterations per solve (it also stops when the cost stops dropping)")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 
-VERSION = "1"
+VERSION = "2"
 
 MIN_FRAMES = 3
 FEW_FEATURES = 50  # a frame with fewer SIFT keypoints than this counts as blank / textureless
@@ -44,9 +44,10 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
 
     sc.quiet_colmap(ctx)
     work, image_dir = out_dir / WORK, frames_dir / "images"
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {}  # wall seconds per step
+    cpu: dict[str, float] = {}  # process CPU seconds per step (all threads)
     db = prepare_work(work, ctx)
-    with timed(ctx, "extract", timings, f"SIFT features of {len(names)} frames"):
+    with timed(ctx, "extract", timings, f"SIFT features of {len(names)} frames", cpu):
         if not (work / "extract.done").exists():
             sc.extract(db, image_dir, names, cfg, ctx, cfg.camera_model)
             sc.reset_implausible_focal(db, ctx)
@@ -54,37 +55,38 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     counts = sc.feature_counts(db)
     check_features(names, counts)
     matcher = resolve_matcher(cfg.matcher, source_kind)
-    pairs = match_all(db, names, matcher, cfg, work, ctx, timings)
+    pairs = match_all(db, names, matcher, cfg, work, ctx, timings, cpu)
     verified = sc.num_verified_pairs(db)
-    with timed(ctx, "map", timings, f"{cfg.mapper} mapping"):
+    with timed(ctx, "map", timings, f"{cfg.mapper} mapping", cpu):
         rec, mapping = map_with_fallback(db, image_dir, work, names, cfg, ctx)
     check_registration(rec, names, counts, verified, cfg)
-    with timed(ctx, "ba", timings, "final bundle adjustment"):
-        rec, ba_report = sc.refine_intrinsics(rec, cfg.refine_principal_point, ctx)
+    with timed(ctx, "ba", timings, "final bundle adjustment", cpu):
+        rec, ba_report = sc.refine_intrinsics(rec, cfg.refine_principal_point, cfg.ba_max_iterations, ctx)
     distorted = sc.camera_summary(rec)
-    with timed(ctx, "undistort", timings, "undistortion to PINHOLE"):
+    with timed(ctx, "undistort", timings, "undistortion to PINHOLE", cpu):
         (work / "model").mkdir(exist_ok=True)
         rec.write(work / "model")
         sc.undistort(work / "model", image_dir, work / "undistorted", ctx)
         publish_undistorted(work / "undistorted", out_dir)
-    summary = write_outputs(out_dir, names, rec, timings, extra={
+    summary = write_outputs(out_dir, names, rec, {**timings, "cpu": cpu}, extra={
         "known_cameras": False, "matcher": matcher, "num_pairs": len(pairs), "num_verified_pairs": verified,
         **mapping, "camera_model": cfg.camera_model, "distorted_cameras": distorted, "final_ba": ba_report,
         "device": str(sc.colmap_device(ctx)).split(".")[-1],
         "features_median": int(sorted(counts.values())[len(counts) // 2]) if counts else 0,
+        "threads": sc.cores(ctx),
     })
     shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
 def match_all(db: Path, names: list[str], matcher: str, cfg: Any, work: Path, ctx: Context,
-              timings: dict) -> list[tuple[int, int]]:
+              timings: dict, cpu: dict | None = None) -> list[tuple[int, int]]:
     """Build the pair list for ``matcher`` and match it (skipped when a killed run had finished it)."""
     from stages import sfm_colmap as sc
 
     pairs = (sc.sequential_pairs(len(names), cfg.sequential_overlap, cfg.loop_closure_stride)
              if matcher == "sequential" else sc.exhaustive_pairs(len(names)))
-    with timed(ctx, "match", timings, f"{matcher} matching, {len(pairs)} pairs"):
+    with timed(ctx, "match", timings, f"{matcher} matching, {len(pairs)} pairs", cpu):
         if not (work / "match.done").exists():
             sc.match(db, names, pairs, work, ctx)
             (work / "match.done").touch()
@@ -93,22 +95,24 @@ def match_all(db: Path, names: list[str], matcher: str, cfg: Any, work: Path, ct
 
 def map_with_fallback(db: Path, image_dir: Path, work: Path, names: list[str], cfg: Any,
                       ctx: Context) -> tuple[Any, dict]:
-    """Map with ``cfg.mapper``; if incremental mapping leaves frames out and ``cfg.fallback_mapper``,
-    also map globally and keep the model with more registered frames. Returns (model, report)."""
+    """Map with ``cfg.mapper``; if it leaves frames out and ``cfg.fallback_mapper``, also map with
+    the other mapper and keep the model with more registered frames. Returns (model, report)."""
     from stages import sfm_colmap as sc
 
     rec, num_models = sc.map_images(db, image_dir, work / "models", cfg.mapper, cfg, len(names), ctx)
     report = {"mapper": cfg.mapper, "num_models": num_models}
     n_reg = rec.num_reg_images() if rec is not None else 0
-    if cfg.mapper != "incremental" or not cfg.fallback_mapper or n_reg == len(names):
+    if not cfg.fallback_mapper or n_reg == len(names):
         return rec, report
-    ctx.log.info("sfm: incremental mapping registered %d of %d frames; trying the global mapper", n_reg, len(names))
-    alt, alt_models = sc.map_images(db, image_dir, work / "models_global", "global", cfg, len(names), ctx)
+    other = "incremental" if cfg.mapper == "global" else "global"
+    ctx.log.info("sfm: %s mapping registered %d of %d frames; trying the %s mapper", cfg.mapper, n_reg,
+                 len(names), other)
+    alt, alt_models = sc.map_images(db, image_dir, work / f"models_{other}", other, cfg, len(names), ctx)
     n_alt = alt.num_reg_images() if alt is not None else 0
-    report["fallback"] = {"incremental_registered": n_reg, "global_registered": n_alt}
+    report["fallback"] = {f"{cfg.mapper}_registered": n_reg, f"{other}_registered": n_alt}
     if n_alt > n_reg:
-        ctx.log.info("sfm: keeping the global model (%d frames registered)", n_alt)
-        return alt, {**report, "mapper": "global", "num_models": alt_models}
+        ctx.log.info("sfm: keeping the %s model (%d frames registered)", other, n_alt)
+        return alt, {**report, "mapper": other, "num_models": alt_models}
     return rec, report
 
 
@@ -141,19 +145,23 @@ def prepare_work(work: Path, ctx: Context) -> Path:
     elif work.exists():
         ctx.log.info("sfm: resuming from the features%s of an earlier run",
                      " and matches" if (work / "match.done").exists() else "")
-        for sub in ("models", "models_global", "model", "undistorted"):
+        for sub in ("models", "models_global", "models_incremental", "model", "undistorted"):
             shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     return db
 
 
 @contextmanager
-def timed(ctx: Context, step: str, timings: dict, what: str) -> Iterator[None]:
+def timed(ctx: Context, step: str, timings: dict, what: str, cpu: dict | None = None) -> Iterator[None]:
+    """Record the step's wall seconds in ``timings`` and its process CPU seconds (all threads) in ``cpu``."""
     ctx.log.info("sfm: %s: %s ...", step, what)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     yield
     timings[step] = round(time.perf_counter() - start, 3)
-    ctx.log.info("sfm: %s done in %.1f s", step, timings[step])
+    used = round(time.process_time() - cpu_start, 3)
+    if cpu is not None:
+        cpu[step] = used
+    ctx.log.info("sfm: %s done in %.1f s (%.1f CPU s)", step, timings[step], used)
 
 
 def abbreviate(names: list[str], keep: int = 8) -> str:

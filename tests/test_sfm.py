@@ -17,7 +17,7 @@ from pipeline.config import SfmConfig
 from pipeline.dag import Context
 from pipeline.errors import StageError
 from stages import sfm
-from stages.sfm_colmap import exhaustive_pairs, sequential_pairs
+from stages.sfm_colmap import exhaustive_pairs, first_octave, sequential_pairs
 
 ORBIT_VIEWS, ORBIT_RADIUS = 24, 2.0
 FAST = SfmConfig(max_num_features=2048, sequential_overlap=3, loop_closure_stride=4)
@@ -73,6 +73,16 @@ def test_pair_lists():
     assert sfm.resolve_matcher("auto", "images") == "exhaustive"
 
 
+def test_first_octave_upsamples_only_small_images(tmp_path):
+    for size in ((1600, 900), (320, 240)):
+        Image.new("RGB", size).save(tmp_path / f"{size[0]}.jpg")
+    cfg = SfmConfig()
+    assert first_octave(tmp_path / "1600.jpg", cfg) == 0  # full size is enough, 4x less work
+    assert first_octave(tmp_path / "320.jpg", cfg) == -1
+    assert first_octave(tmp_path / "1600.jpg", replace(cfg, max_image_size=800)) == -1
+    assert first_octave(tmp_path / "1600.jpg", replace(cfg, sift_upsample_below=2000)) == -1
+
+
 @pytest.mark.parametrize("mapper,kind", [("incremental", "video"), ("global", "images")])
 def test_orbit_registers_every_frame_accurately(orbit, tmp_path, mapper, kind):
     frames = make_frames(tmp_path / "frames", orbit_images(orbit), kind)
@@ -80,7 +90,9 @@ def test_orbit_registers_every_frame_accurately(orbit, tmp_path, mapper, kind):
     assert summary["num_registered"] == ORBIT_VIEWS and summary["unregistered"] == []
     assert summary["matcher"] == ("sequential" if kind == "video" else "exhaustive")
     assert summary["mean_reprojection_error_px"] < 1.0 and summary["num_points3d"] > 500
-    assert set(summary["timings"]) == {"extract", "match", "map", "ba", "undistort"}
+    phases = {"extract", "match", "map", "ba", "undistort"}
+    assert set(summary["timings"]) == phases | {"cpu"} and set(summary["timings"]["cpu"]) == phases
+    assert all(0 < solve["iterations"] <= FAST.ba_max_iterations for solve in summary["final_ba"]["solves"])
     est = load_transforms(tmp_path / "sfm" / "transforms.json")
     gt = load_transforms(orbit.gt_dir / "transforms.json")
     assert est.names == gt.names  # "images/<name>", frames order
