@@ -9,7 +9,7 @@ Extraction runs in chunks for the same reasons (images with features are skipped
 Speed (benchmarks/sfm.py, 150-frame 1080p orbit video, frames at 1600x900): SIFT starts at full
 size above ``sift_upsample_below`` (4x less work), the mappers run fewer and shorter global
 bundle adjustments (constants below) and the final adjustment stops once the cost no longer
-drops: 4.3x less CPU time than COLMAP's defaults here, with the same camera accuracy.
+drops: 417 CPU s instead of 2054 with the previous settings; camera errors stay < 0.01 deg.
 """
 from __future__ import annotations
 
