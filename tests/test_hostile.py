@@ -363,7 +363,8 @@ def test_free_disk_estimate_refuses_to_start(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(total=1 << 40, used=0, free=50 << 20))
     assert main(str(job)) == 3
     err = json.loads((job.parent / ".error.json").read_text())
-    need = int(150 * 1600 * 1200 * 0.5 * disk.MARGIN) + disk.HEADROOM  # 150 frames x JPEG bytes at 1600 px
+    count = PipelineConfig().frames.target_count  # frames kept x JPEG bytes at 1600 px
+    need = int(count * 1600 * 1200 * 0.5 * disk.MARGIN) + disk.HEADROOM
     assert err["kind"] == "StageError" and err["message"] == (
         f"frames: needs ~{disk.human(need)} free in {tmp_path}, has 50.0 MB; free some space or use a --workdir "
         "on a larger disk")
