@@ -128,9 +128,12 @@ def repair_and_close(vertices, faces, max_hole_edges: int, log=None, close_all: 
 
     log = log or logging.getLogger("pipeline")
     ms = _meshset(vertices, faces)
-    ms.meshing_repair_non_manifold_edges()
-    ms.meshing_repair_non_manifold_vertices()
-    ms.meshing_remove_unreferenced_vertices()
+    for _ in range(3):  # removing a non-manifold edge's faces can leave a non-manifold vertex, and back
+        ms.meshing_repair_non_manifold_edges()
+        ms.meshing_repair_non_manifold_vertices()
+        ms.meshing_remove_unreferenced_vertices()
+        if ms.get_topological_measures()["number_holes"] >= 0:  # -1 while not two-manifold
+            break
     before = ms.get_topological_measures()
     try:
         if max_hole_edges > 0:
@@ -138,7 +141,7 @@ def repair_and_close(vertices, faces, max_hole_edges: int, log=None, close_all: 
             ms.meshing_close_holes(maxholesize=int(max_hole_edges), newfaceselected=False)
             ms.set_selection_none()
             ms.meshing_repair_non_manifold_edges()
-        if close_all and ms.get_topological_measures()["number_holes"] > 0:
+        if close_all and ms.get_topological_measures()["number_holes"] != 0:  # -1: not countable (non-manifold)
             ms.meshing_close_holes(maxholesize=3 * ms.current_mesh().face_number() + 3, newfaceselected=False,
                                    selfintersection=False)
             ms.set_selection_none()
