@@ -24,6 +24,9 @@ import pytest
 from conftest import ROOT, run_cli
 from omni_fixtures import make_synthetic, write_blender_render, write_raw_scan, write_video_scene
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from faults import stage_job  # noqa: E402  (the fault harness's /proc reader of stage jobs)
+
 GOOD = ["toy_000", "toy_001", "toy_002", "toy_003"]
 FAST = ["--preset", "fast_cpu", "--no-progress"]
 TINY_TRAIN = [f"--set=train.{kv}" for kv in (
@@ -84,16 +87,6 @@ def children(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def stage_job(pid: int) -> dict | None:
-    """The job of a ``python -m stages JOB.json`` process, else None."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        i = argv.index(b"stages")
-        return json.loads(Path(argv[i + 1].decode()).read_text()) if argv[i - 1] == b"-m" else None
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def kill_worker_mid_stage(batch: subprocess.Popen, workdir: Path, stages: tuple[str, ...],
