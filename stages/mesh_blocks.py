@@ -224,8 +224,9 @@ def march_block(vals: np.ndarray, mc_mask: np.ndarray, start: np.ndarray, grid: 
     from skimage.measure import marching_cubes
 
     empty = {"keys": np.zeros(0, np.int64), "pos": np.zeros((0, 3)), "faces": np.zeros((0, 3), np.int32)}
-    active = vals[mc_mask] if mc_mask.any() else vals[:0]
-    if not (active < 0).any() or not (active > 0).any():
+    # every corner counts: the mask marks a cell at its upper corner, so the lower face layers
+    # of the block are never in vals[mc_mask], yet may hold the only crossing of the block
+    if not mc_mask.any() or not (vals < 0).any() or not (vals > 0).any():
         return empty
     try:
         verts, faces, _, _ = marching_cubes(vals, 0.0, mask=mc_mask, allow_degenerate=True)

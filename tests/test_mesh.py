@@ -76,6 +76,21 @@ def test_closed_even_when_the_sdf_breaks_the_skip_bound():
     assert len(f) > 100000 and m.is_watertight and m.is_winding_consistent
 
 
+def test_thin_features_on_block_seams_stay_closed():
+    """Many thin fins cut by small blocks: some blocks hold their only crossings on their lower
+    face layer (which no mask entry names). A regression: those blocks were dropped as empty and
+    left 115 boundary edges here; the mesh must equal the one-block mesh."""
+    def fins(p):
+        s = torch.sin(60 * p + torch.tensor([0.3, 1.1, 2.0]))
+        return p.norm(dim=1) - 0.6 - 0.05 * s[:, 0] * s[:, 1] * s[:, 2]
+
+    v, f = compute_mesh(fins, 128, 16, "cpu", chunk=CHUNK)
+    m = trimesh.Trimesh(v, f, process=False)
+    assert m.is_watertight and m.is_winding_consistent
+    v1, f1 = compute_mesh(fins, 128, 128, "cpu", chunk=CHUNK)
+    assert len(f) == len(f1) and abs(m.volume / trimesh.Trimesh(v1, f1, process=False).volume - 1) < 1e-9
+
+
 def test_surface_closes_at_the_unit_sphere():
     """A half-space z < 0 is cut by the bounding sphere into a closed half ball."""
     v, f = compute_mesh(lambda p: p[:, 2] + 0.0123, 64, 32, "cpu", chunk=CHUNK)
