@@ -274,6 +274,9 @@ def worker(job_path: Path) -> int:
                             out_dir, ctx, comm=Comm(rank, world, device))
         if rank == 0:
             atomic_write_json(out_dir / SUMMARY, summary)
+        # leave together: a rank that tears its group down while another is still inside a
+        # collective makes gloo abort that one at exit ("terminate called without an active exception")
+        dist.barrier()
         return 0
     except BaseException as exc:  # report it to the launcher, which raises it in the stage process
         known = isinstance(exc, PipelineError)
