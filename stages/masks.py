@@ -207,15 +207,16 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
     if method == "grabcut":
         from stages import masks_grabcut
 
-        obj = np.zeros((0, 3))
+        obj = span = np.zeros((0, 3))
         if todo and cams is not None:
-            obj = masks_grabcut.select_object_points(masks_grabcut.load_points(sfm_dir, cams, ctx.log), cams,
-                                                     log=ctx.log)
+            obj, span = masks_grabcut.select_object_points(masks_grabcut.load_points(sfm_dir, cams, ctx.log), cams,
+                                                           log=ctx.log)
         work = out_dir / WORK_DIR
         info = {"seed_points": int(len(obj)), "rounds": int(cfg.grabcut_rounds), "repaired": 0}
         if todo:
             info.update(masks_grabcut.compute(stems, lambda i: load_rgb(paths[i]), shapes, cams, obj, cfg, work,
-                                              final, finish, ctx.log, bar, ctx.threads or os.cpu_count() or 1))
+                                              final, finish, ctx.log, bar, ctx.threads or os.cpu_count() or 1,
+                                              hull_pts=span))
         shutil.rmtree(work, ignore_errors=True)
         return info
     raise StageError(f"masks: unknown method {method!r}")

@@ -2,8 +2,8 @@
 
 1. Object points: SfM points that project near the image centre in most views, minus the
    dominant supporting plane (the ground/table) when there is one.
-2. Pass 0: per view, the convex hull of the projected object points (dilated) is probable
-   foreground, a ring around it probable background, the rest (and the image border) background;
+2. Pass 0: per view, the convex hull of the projected object points and of their footprints
+   on the supporting plane (dilated) is probable foreground, a ring around it probable background, the rest (and the image border) background;
    pixels under projected object points are sure foreground. Small regions are upsampled.
 3. Passes 1..n (repair): carve a voxel visual hull from the previous pass's masks (a voxel
    survives when at most CONSENSUS_TOL of the views miss it) and reproject it; a mask that
@@ -27,6 +27,8 @@ from stages import masks_post as post
 GC_BGD, GC_FGD, GC_PR_BGD, GC_PR_FGD = 0, 1, 2, 3
 MIN_WORK_SIDE = 320  # small object regions are upsampled (up to MAX_UPSCALE) for sub-pixel edges
 MAX_UPSCALE = 4.0
+SEED_FG_GROW = 0.08  # pass 0: the seed hull grown by this share of its size is probable foreground,
+SEED_RING_GROW = 0.35  # ... by this share probable background, the rest sure background
 REPAIR_FRAC = 0.01  # a mask with more than this share outside the consensus silhouette is redone
 STATS_LOCK = threading.Lock()
 CONSENSUS_TOL = 0.1  # consensus hull: a voxel survives when at most this share of the views miss it
@@ -105,10 +107,13 @@ def _dominant_plane(pts: np.ndarray, cams: Cameras, rng: np.random.Generator, th
 
 
 def select_object_points(pts: np.ndarray, cams: Cameras, central: float = 0.5, min_frac: float = 0.8,
-                         log: logging.Logger | None = None) -> np.ndarray:
-    """Points near the image centre in most views, off the supporting plane, outliers removed."""
+                         log: logging.Logger | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Points near the image centre in most views, off the supporting plane, outliers removed;
+    and the points that span the seed region: those plus their footprints on the supporting
+    plane (an object stands on it: its legs and base reach down to it even where SfM found no
+    points, on a white body say)."""
     if len(pts) == 0:
-        return pts
+        return pts, pts
     hits = np.zeros(len(pts))
     for i in range(len(cams)):
         uv, depth = project(pts, cams.K[i], np.linalg.inv(cams.c2w[i]))
@@ -131,30 +136,38 @@ def select_object_points(pts: np.ndarray, cams: Cameras, central: float = 0.5, m
             if log:
                 log.info("masks: removed the supporting plane (%.0f%% of the central points)",
                          100 * (1 - above.mean()))
+        else:
+            plane = None
     if len(obj) >= 10:
         med = np.median(obj, 0)
         dist = np.linalg.norm(obj - med, axis=1)
         obj = obj[dist <= 3.0 * np.median(dist) + 1e-12]
-    return obj
+    if plane is None or len(obj) == 0:
+        return obj, obj
+    n, d = plane
+    return obj, np.concatenate([obj, obj - (obj @ n + d)[:, None] * n[None]])
 
 
 # ---------------------------------------------------------------- trimaps and GrabCut
 
 
-def seed_trimap(obj_pts: np.ndarray, cams: Cameras, i: int, shape: tuple[int, int]) -> np.ndarray | None:
-    """Pass-0 trimap from the dilated convex hull of the projected object points."""
+def seed_trimap(obj_pts: np.ndarray, cams: Cameras, i: int, shape: tuple[int, int],
+                hull_pts: np.ndarray | None = None) -> np.ndarray | None:
+    """Pass-0 trimap from the dilated convex hull of the projected ``hull_pts`` (default: the
+    object points); pixels under the object points are sure foreground."""
     import cv2
 
     uv = _project(obj_pts, cams, i)
-    if len(uv) < 3:
+    span = uv if hull_pts is None else _project(hull_pts, cams, i)
+    if len(uv) < 3 or len(span) < 3:
         return None
     hull_mask = np.zeros(shape, np.uint8)
-    hull = cv2.convexHull(np.round(uv - 0.5).astype(np.int32))
+    hull = cv2.convexHull(np.round(span - 0.5).astype(np.int32))
     cv2.fillConvexPoly(hull_mask, hull, 1)
     hull_mask = hull_mask > 0
     size = float(np.sqrt(max(hull_mask.sum(), 1)))
-    fg_region = post.dilate(hull_mask, int(round(0.08 * size)) + 1)
-    ring = post.dilate(hull_mask, int(round(0.35 * size)) + 2)
+    fg_region = post.dilate(hull_mask, int(round(SEED_FG_GROW * size)) + 1)
+    ring = post.dilate(hull_mask, int(round(SEED_RING_GROW * size)) + 2)
     tri = np.full(shape, GC_BGD, np.uint8)
     tri[ring] = GC_PR_BGD
     tri[fg_region] = GC_PR_FGD
@@ -247,15 +260,16 @@ def rect_trimap(shape: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------- passes
 
 
-def _seed_mask(i: int, load_image, shape, cams: Cameras | None, obj_pts: np.ndarray, cfg) -> np.ndarray:
+def _seed_mask(i: int, load_image, shape, cams: Cameras | None, obj_pts: np.ndarray, cfg,
+               hull_pts: np.ndarray | None = None) -> np.ndarray:
     """Pass 0: GrabCut seeded from the projected object points (a centred box without them)."""
-    tri = seed_trimap(obj_pts, cams, i, shape) if cams is not None and len(obj_pts) >= 3 else None
+    tri = seed_trimap(obj_pts, cams, i, shape, hull_pts) if cams is not None and len(obj_pts) >= 3 else None
     return grabcut(load_image(i), tri if tri is not None else rect_trimap(shape), int(cfg.grabcut_iters),
                    int(cfg.grabcut_max_side))
 
 
 def _repaired_mask(i: int, load_image, shape, cams: Cameras, obj_pts: np.ndarray, cfg, hull: post.Hull,
-                   prev: np.ndarray | None, stats: dict) -> np.ndarray:
+                   prev: np.ndarray | None, stats: dict, seed: Callable[[int], np.ndarray]) -> np.ndarray:
     """Later passes: a mask that spills outside the consensus silhouette is redone from it."""
     sil = post.silhouette(hull, cams, i, shape)
     if prev is not None and prev.any():
@@ -266,7 +280,7 @@ def _repaired_mask(i: int, load_image, shape, cams: Cameras, obj_pts: np.ndarray
         stats["repaired"] = stats.get("repaired", 0) + 1
     tri = consensus_trimap(sil, prev, _project(obj_pts, cams, i))
     if tri is None:
-        return prev if prev is not None else _seed_mask(i, load_image, shape, cams, obj_pts, cfg)
+        return prev if prev is not None else seed(i)
     return grabcut(load_image(i), tri, int(cfg.grabcut_iters), int(cfg.grabcut_max_side))
 
 
@@ -285,7 +299,7 @@ def for_each_frame(work: Callable[[int], None], frames: list[int], bar, threads:
 def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: Cameras | None,
             obj_pts: np.ndarray, cfg, work_dir: Path, final: dict[str, np.ndarray | None],
             save_final: Callable[[str, np.ndarray], None], log: logging.Logger, bar=iter,
-            threads: int = 1) -> dict:
+            threads: int = 1, hull_pts: np.ndarray | None = None) -> dict:
     """Run all passes. ``final[stem]`` holds already finished masks (None = to compute);
     ``save_final`` writes a finished mask. Intermediate masks live in ``work_dir/pass<k>/``.
     ``threads`` frames are segmented at once."""
@@ -295,6 +309,10 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
         log.warning("masks: grabcut has no cameras or SfM points to seed from; using a centred box")
     prev: list[np.ndarray | None] | None = None
     stats: dict = {}
+
+    def seed(i: int) -> np.ndarray:
+        return _seed_mask(i, load_image, shapes[i], cams, obj_pts, cfg, hull_pts)
+
     for k in range(rounds):
         last = k == rounds - 1
         pass_dir = work_dir / f"pass{k}"
@@ -312,13 +330,13 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
             if hull is None:
                 log.warning("masks: no silhouette consensus could be carved; keeping pass %d masks", k)
         if prev is None:
-            mask_of = (lambda i: _seed_mask(i, load_image, shapes[i], cams, obj_pts, cfg))
+            mask_of = seed
         elif hull is None:
             mask_of = (lambda i, p=prev: p[i] if p[i] is not None else
-                       _seed_mask(i, load_image, shapes[i], cams, obj_pts, cfg))
+                       seed(i))
         else:
             mask_of = (lambda i, p=prev, h=hull: _repaired_mask(i, load_image, shapes[i], cams, obj_pts, cfg, h,
-                                                                p[i], stats))
+                                                                p[i], stats, seed))
         log.info("masks: grabcut pass %d/%d on %d frames", k + 1, rounds, len(stems) - len(skip))
         frames = [i for i in range(len(stems)) if stems[i] not in skip]
         for_each_frame(lambda i, m=mask_of, w=save: w(stems[i], m(i)), frames, bar, threads)

@@ -303,3 +303,23 @@ def test_provided_mask_resampled_and_alpha(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), rgba)
     got = masks.load_provided(tmp_path / "a.png", (60, 80))
     assert got.shape == (60, 80) and masks_post.iou(got, m) > 0.97
+
+
+def test_grabcut_seed_reaches_down_to_the_supporting_plane():
+    """SfM finds points on the ground and on the top of an object only (a white body gives none
+    lower down): the seed region spans down to the plane, so legs are not cut off."""
+    from stages import masks_grabcut
+    from train_inputs import orbit
+
+    rng = np.random.default_rng(0)
+    ground = np.c_[rng.uniform(-1.5, 1.5, (3000, 2)), np.zeros(3000)]
+    top = np.c_[rng.uniform(-0.2, 0.2, (200, 2)), rng.uniform(0.45, 0.5, 200)]
+    cams = orbit(24, 320, 240, 2.5, np.array([0.0, 0.0, 0.25]))
+    obj, span = masks_grabcut.select_object_points(np.concatenate([ground, top]), cams)
+    assert len(obj) >= 150 and obj[:, 2].min() > 0.4  # the ground is left out of the object points
+    assert len(span) == 2 * len(obj) and abs(span[:, 2].min()) < 0.02  # ... but the seed reaches it
+    tri = masks_grabcut.seed_trimap(obj, cams, 0, (240, 320), span)
+    foot = cams.K[0] @ (np.linalg.inv(cams.c2w[0]) @ np.array([0.0, 0.0, 0.02, 1.0]))[:3]
+    u, v = (foot[:2] / foot[2]).astype(int)
+    assert tri[v, u] == masks_grabcut.GC_PR_FGD  # the object's foot is probable foreground
+    assert masks_grabcut.seed_trimap(obj, cams, 0, (240, 320))[v, u] != masks_grabcut.GC_PR_FGD
