@@ -3,8 +3,9 @@
 1. Object points: SfM points that project near the image centre in most views, minus the
    dominant supporting plane (the ground/table) when there is one.
 2. Pass 0: per view, the convex hull of the projected object points and of their footprints
-   on the supporting plane (dilated) is probable foreground, a ring around it probable background, the rest (and the image border) background;
-   pixels under projected object points are sure foreground. Small regions are upsampled.
+   on the supporting plane (dilated) is probable foreground, a ring around it probable
+   background, the rest (and the image border) background; pixels under projected object
+   points are sure foreground. Small regions are upsampled.
 3. Passes 1..n (repair): carve a voxel visual hull from the previous pass's masks (a voxel
    survives when at most CONSENSUS_TOL of the views miss it) and reproject it; a mask that
    spills outside that silhouette is redone by GrabCut with the outside as sure background,
@@ -332,8 +333,7 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
         if prev is None:
             mask_of = seed
         elif hull is None:
-            mask_of = (lambda i, p=prev: p[i] if p[i] is not None else
-                       seed(i))
+            mask_of = (lambda i, p=prev: p[i] if p[i] is not None else seed(i))
         else:
             mask_of = (lambda i, p=prev, h=hull: _repaired_mask(i, load_image, shapes[i], cams, obj_pts, cfg, h,
                                                                 p[i], stats, seed))
