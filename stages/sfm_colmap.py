@@ -3,7 +3,8 @@ pairs, mapping, a final bundle adjustment, undistortion, and reading cameras bac
 
 Matching always goes through ``match_image_pairs`` over a pair list we build
 (``sequential_pairs`` / ``exhaustive_pairs``), in chunks: that gives a progress bar, loop
-closure without a vocabulary tree, and resume (pycolmap skips pairs already in the database).
+closure without a vocabulary tree, and resume (finished chunks are skipped, an interrupted one is
+redone whole, so a resumed run verifies every pair with the same random draws).
 Extraction runs in chunks for the same reasons (images with features are skipped).
 
 Speed (benchmarks/sfm.py, 150-frame 1080p orbit video, frames at 1600x900): SIFT starts at full
@@ -183,7 +184,12 @@ def exhaustive_pairs(n: int) -> list[tuple[int, int]]:
 
 
 def match(db: Path, names: list[str], pairs: list[tuple[int, int]], work: Path, ctx: Context) -> None:
-    """Match and geometrically verify the image pairs (indices into ``names``), in chunks."""
+    """Match and geometrically verify the image pairs (indices into ``names``), in chunks.
+
+    A chunk is redone whole after a kill (its pairs already in the database are dropped first):
+    RANSAC's random state starts afresh with each call, so a chunk continued half way would
+    verify its remaining pairs with other random draws than an uninterrupted run. Redone whole,
+    the resumed run gives the same database (with one thread)."""
     import pycolmap
 
     quiet_colmap(ctx)
@@ -191,10 +197,38 @@ def match(db: Path, names: list[str], pairs: list[tuple[int, int]], work: Path, 
     mo = pycolmap.FeatureMatchingOptions(num_threads=num_threads(ctx), use_gpu=device != pycolmap.Device.cpu)
     chunks = [pairs[i:i + MATCH_CHUNK] for i in range(0, len(pairs), MATCH_CHUNK)]
     pair_file = work / "pairs.txt"
-    for chunk in progress(chunks, ctx.progress, desc=f"match ({len(pairs)} pairs)", unit="chunk"):
+    for k, chunk in enumerate(progress(chunks, ctx.progress, desc=f"match ({len(pairs)} pairs)", unit="chunk")):
+        done = work / f"match_chunk_{k:05d}.done"
+        if done.exists():
+            continue
+        _forget_pairs(db, [(names[i], names[j]) for i, j in chunk])
         pair_file.write_text("".join(f"{names[i]} {names[j]}\n" for i, j in chunk))
         po = pycolmap.ImportedPairingOptions(match_list_path=str(pair_file))
         pycolmap.match_image_pairs(db, matching_options=mo, pairing_options=po, device=device)
+        done.touch()
+
+
+def _forget_pairs(db: Path, pairs: list[tuple[str, str]]) -> int:
+    """Delete the matches and two-view geometries of ``pairs`` (image names) from ``db``;
+    returns how many pairs had any."""
+    import pycolmap
+
+    dropped = 0
+    with pycolmap.Database.open(db) as database:
+        if database.num_matched_image_pairs() == 0:
+            return 0
+        ids = {im.name: im.image_id for im in database.read_all_images()}
+        for a, b in pairs:
+            i, j = ids[a], ids[b]
+            had = False
+            if database.exists_matches(i, j):
+                database.delete_matches(i, j)
+                had = True
+            if database.exists_two_view_geometry(i, j):
+                database.delete_two_view_geometry(i, j)
+                had = True
+            dropped += had
+    return dropped
 
 
 def map_images(db: Path, image_dir: Path, out: Path, mapper: str, cfg: Any, num_images: int,
