@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.dag import Context
 from pipeline.errors import ConfigError, InputError, StageError
 from pipeline.fsutil import atomic_write_json, read_json
+from stages.devices import require_visible_gpus
 
 VERSION = "1"
 
@@ -60,13 +61,7 @@ def helper_devices(device: str, gpus: int) -> list[str]:
         raise ConfigError(f"mesh.gpus must be at least 1, got {gpus}")
     if not str(device).startswith("cuda"):
         return ["cpu"] * (gpus - 1)
-    import torch
-
-    visible = torch.cuda.device_count()
-    if visible < gpus:
-        raise ConfigError(f"mesh.gpus={gpus} but {visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES="
-                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); pass --gpus with {gpus} cards "
-                          f"or set mesh.gpus={max(1, visible)}")
+    require_visible_gpus("mesh", gpus)
     return [f"cuda:{k}" for k in range(1, gpus)]
 
 

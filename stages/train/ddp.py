@@ -41,6 +41,7 @@ import torch
 
 from pipeline.errors import ConfigError, InputError, PipelineError, StageError
 from pipeline.fsutil import atomic_write_json
+from stages.devices import require_visible_gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB, SUMMARY, ERROR = ".ddp_job.json", ".ddp_summary.json", ".ddp_error_{}.json"
@@ -169,19 +170,13 @@ def check_config(cfg) -> None:
                           "each GPU draws an equal share of the rays")
 
 
-def _visible_gpus() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def launch(inputs: dict, cfg, out_dir: Path, ctx) -> dict:
     """Run the train stage on ``cfg.gpus`` ranks with torchrun; returns rank 0's summary."""
     check_config(cfg)
     n = int(cfg.gpus)
     cuda = str(ctx.device).startswith("cuda")
-    if cuda and _visible_gpus() < n:
-        raise ConfigError(f"train.gpus={n} but {_visible_gpus()} GPU(s) are visible (CUDA_VISIBLE_DEVICES="
-                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); pass --gpus with {n} cards "
-                          f"or set train.gpus={max(1, _visible_gpus())}")
+    if cuda:
+        require_visible_gpus("train", n)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (int(ctx.threads) or os.cpu_count() or 1) // n)
     job = {"inputs": {k: str(v) for k, v in inputs.items()}, "section": dataclasses.asdict(cfg),
