@@ -18,7 +18,7 @@ from pipeline import store
 from pipeline.dag import GPU_STAGES
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, file_lock, read_json, remove_stale_temp_files
-from tasks.gpus import gpu_slot, parse_gpus
+from tasks.gpus import gpu_slot, gpus_wanted, parse_gpus
 
 log = logging.getLogger("pipeline")
 SUMMARY = ".summary.json"  # written by the stage process as it ends well
@@ -75,8 +75,6 @@ def _inherited_fds(op: dict) -> tuple[int, ...]:
 def _call_stage(stage: str, job_path: Path, op: dict) -> int:
     """Run the stage process; a GPU stage holds as many GPU slots as its section's ``gpus``
     asks for (DDP training, meshing split over cards) and sees exactly those cards."""
-    from tasks.gpus import gpus_wanted
-
     cmd = [sys.executable, "-m", "stages", str(job_path)]
     gpus = parse_gpus(op.get("gpus"))
     if stage not in GPU_STAGES or not gpus or op.get("device") == "cpu":
