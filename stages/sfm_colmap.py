@@ -189,7 +189,8 @@ def match(db: Path, names: list[str], pairs: list[tuple[int, int]], work: Path, 
     A chunk is redone whole after a kill (its pairs already in the database are dropped first):
     RANSAC's random state starts afresh with each call, so a chunk continued half way would
     verify its remaining pairs with other random draws than an uninterrupted run. Redone whole,
-    the resumed run gives the same database (with one thread)."""
+    the resumed run gives the same database (with one thread). Chunks run in order, so only the
+    first one without its marker can hold pairs of a killed run."""
     import pycolmap
 
     quiet_colmap(ctx)
@@ -197,11 +198,16 @@ def match(db: Path, names: list[str], pairs: list[tuple[int, int]], work: Path, 
     mo = pycolmap.FeatureMatchingOptions(num_threads=num_threads(ctx), use_gpu=device != pycolmap.Device.cpu)
     chunks = [pairs[i:i + MATCH_CHUNK] for i in range(0, len(pairs), MATCH_CHUNK)]
     pair_file = work / "pairs.txt"
+    checked = False  # the first chunk without a marker: the only one a killed run can have begun
     for k, chunk in enumerate(progress(chunks, ctx.progress, desc=f"match ({len(pairs)} pairs)", unit="chunk")):
         done = work / f"match_chunk_{k:05d}.done"
         if done.exists():
             continue
-        _forget_pairs(db, [(names[i], names[j]) for i, j in chunk])
+        if not checked:
+            checked = True
+            dropped = _forget_pairs(db, [(names[i], names[j]) for i, j in chunk])
+            if dropped:
+                ctx.log.info("sfm: redoing matching chunk %d whole (%d pairs of a killed run dropped)", k, dropped)
         pair_file.write_text("".join(f"{names[i]} {names[j]}\n" for i, j in chunk))
         po = pycolmap.ImportedPairingOptions(match_list_path=str(pair_file))
         pycolmap.match_image_pairs(db, matching_options=mo, pairing_options=po, device=device)
