@@ -1,0 +1,151 @@
+"""Where a training step's GPU time goes: ms/step in steady state and the top kernels, per variant.
+
+Trains the spot scene (as benchmarks/train_quality.py renders it, GT cameras and masks) with the
+real loop (``stages.train.loop``) for ``--warmup`` steps (past the occupancy warm-up, so samples
+follow the surface), times ``--steps`` more, then profiles ``--profile`` steps with
+``torch.profiler``. Variants differ by train overrides (``--variant name:key=value,...``) or by
+the numerical-gradient tap layout (``--variant taps_tap_major:layout=tap``).
+
+    PYTHONPATH=. python benchmarks/step_profile.py --variant base: --variant taps_tap_major:layout=tap \\
+        --out profile.json
+    PYTHONPATH=. python benchmarks/step_profile.py --preset fast_cpu --views 8 --width 64 --height 48 \\
+        --warmup 3 --steps 3 --profile 2 --device cpu          # a CPU smoke run
+
+Prints a markdown table last; JSON to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def parse_variant(text: str) -> tuple[str, dict, list[str]]:
+    """``name:key=value,key=value`` -> (name, special keys, train overrides as --set items)."""
+    name, _, rest = text.partition(":")
+    special, sets = {}, []
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key == "layout":
+            special["layout"] = value
+        else:
+            sets.append(f"train.{key}={value}")
+    return name or "base", special, sets
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def top_kernels(prof, device: torch.device, rows: int) -> list[dict]:
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, attr, 0.0) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, attr, 0.0), reverse=True)[:rows]
+    return [{"name": e.key[:90], "ms": getattr(e, attr, 0.0) / 1000.0, "share": getattr(e, attr, 0.0) / total,
+             "calls": e.count} for e in ranked]
+
+
+def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[str], args, device) -> dict:
+    from stages.train import gradients, loop
+    from stages.train.data import load_scene, split_views
+    from stages.train.stage import seed_everything
+    from train_quality import train_config
+
+    cfg = train_config(preset, args.set + sets, [], args.warmup + args.steps + args.profile + 1)
+    gradients.INTERLEAVE = special.get("layout", "point") == "point"
+    log = logging.getLogger("profile")
+    seed_everything(cfg.seed)
+    scene = load_scene(inputs, log)
+    train_views, _ = split_views(len(scene.names), cfg.holdout_every)
+    run = loop.setup(scene, train_views, cfg, device, log)
+    t = time.perf_counter()
+    for step in range(args.warmup):
+        loop.train_step(run, step)
+    sync(device)
+    warm_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        loop.train_step(run, step)
+    sync(device)
+    step_ms = 1000 * (time.perf_counter() - t) / max(1, args.steps)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = args.warmup + args.steps
+    with torch.profiler.profile(activities=acts) as prof:
+        for step in range(start, start + args.profile):
+            loop.train_step(run, step)
+        sync(device)
+    samples = cfg.batch_rays * cfg.samples_per_ray
+    return {"variant": name, "overrides": sets, **special, "backend": run.backend, "compiled": run.compiled,
+            "warmup_seconds": warm_s, "ms_per_step": step_ms, "samples_per_second": samples / step_ms * 1000,
+            "active_levels": int(run.model.sdf.level_mask.sum().item()) // run.model.sdf.grid.spec.features,
+            "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+            "top": top_kernels(prof, device, args.rows)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--views", type=int, default=100)
+    ap.add_argument("--width", type=int, default=800)
+    ap.add_argument("--height", type=int, default=600)
+    ap.add_argument("--warmup", type=int, default=700, help="untimed steps first (compile, occupancy warm-up)")
+    ap.add_argument("--steps", type=int, default=200, help="timed steps")
+    ap.add_argument("--profile", type=int, default=10, help="profiled steps")
+    ap.add_argument("--rows", type=int, default=15, help="kernels listed per variant")
+    ap.add_argument("--variant", action="append", default=[], help="name:key=value,... (train keys, or layout=point|tap)")
+    ap.add_argument("--set", action="append", default=[], help="train overrides for every variant")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/train_speed"))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    from train_inputs import from_synthetic
+    from train_quality import generate_scene
+
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    gt_dir = generate_scene(args.workdir, args.views, args.width, args.height, 0)
+    inputs_root = args.workdir / f"profile_inputs_{args.views}v_{args.width}x{args.height}"
+    shutil.rmtree(inputs_root, ignore_errors=True)
+    inputs, _ = from_synthetic(gt_dir, inputs_root)
+    rows = []
+    for text in args.variant or ["base:"]:
+        name, special, sets = parse_variant(text)
+        rows.append(run_variant(inputs, args.preset, name, special, sets, args, device))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), file=sys.stderr)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(info, indent=1))
+    for r in rows:
+        print(f"\n### {r['variant']} ({r['backend']}): top kernels over {args.profile} steps\n")
+        print("| kernel | ms | share | calls |\n|---|---|---|---|")
+        for k in r["top"]:
+            print(f"| {k['name']} | {k['ms']:.2f} | {100 * k['share']:.1f}% | {k['calls']} |")
+    print(f"\nsteady-state steps on {info['device']}, preset {args.preset}, {args.views} views "
+          f"{args.width}x{args.height}\n")
+    print("| variant | backend | ms/step | M samples/s | active levels | peak GB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "-"
+        print(f"| {r['variant']} | {r['backend']} | {r['ms_per_step']:.2f} | {r['samples_per_second'] / 1e6:.2f} | "
+              f"{r['active_levels']} | {peak} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
