@@ -3,8 +3,11 @@
 Trains the spot scene (as benchmarks/train_quality.py renders it, GT cameras and masks) with the
 real loop (``stages.train.loop``) for ``--warmup`` steps (past the occupancy warm-up, so samples
 follow the surface), times ``--steps`` more, then profiles ``--profile`` steps with
-``torch.profiler``. Variants differ by train overrides (``--variant name:key=value,...``) or by
-the numerical-gradient tap layout (``--variant taps_tap_major:layout=tap``).
+``torch.profiler``. Variants differ by train overrides (``--variant name:key=value,...``), by
+the numerical-gradient tap layout (``layout=tap``: tap-major instead of point-major) or by
+waiting for every step's metrics before launching the next (``sync=1``; the loop reads them
+one step late). Besides ms/step it reports the GPU's busy time per step (sum of kernel times):
+the gap between the two is host overhead.
 
     PYTHONPATH=. python benchmarks/step_profile.py --variant base: --variant taps_tap_major:layout=tap \\
         --out profile.json
@@ -37,8 +40,8 @@ def parse_variant(text: str) -> tuple[str, dict, list[str]]:
     special, sets = {}, []
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key == "layout":
-            special["layout"] = value
+        if key in ("layout", "sync"):
+            special[key] = value
         else:
             sets.append(f"train.{key}={value}")
     return name or "base", special, sets
@@ -49,13 +52,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def top_kernels(prof, device: torch.device, rows: int) -> list[dict]:
+def kernels(prof, device: torch.device) -> list:
+    """Kernel-level events (CPU ops on CPU): an op's device time is also its kernels', so only
+    the kernels add up to the busy time."""
     events = prof.key_averages()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    total = sum(getattr(e, attr, 0.0) for e in events) or 1.0
-    ranked = sorted(events, key=lambda e: getattr(e, attr, 0.0), reverse=True)[:rows]
-    return [{"name": e.key[:90], "ms": getattr(e, attr, 0.0) / 1000.0, "share": getattr(e, attr, 0.0) / total,
-             "calls": e.count} for e in ranked]
+    if device.type != "cuda":
+        return [(e.key, e.self_cpu_time_total, e.count) for e in events]
+    cuda = torch.autograd.DeviceType.CUDA
+    return [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type == cuda]
+
+
+def top_kernels(events: list, rows: int) -> list[dict]:
+    total = sum(t for _, t, _ in events) or 1.0
+    ranked = sorted(events, key=lambda e: e[1], reverse=True)[:rows]
+    return [{"name": k[:90], "ms": t / 1000.0, "share": t / total, "calls": c} for k, t, c in ranked]
+
+
+def run_steps(run, start: int, count: int, pipelined: bool) -> None:
+    """Steps as ``loop.train`` takes them (each step's metrics read after the next is launched),
+    or each one waited for."""
+    from stages.train import loop
+
+    pending = None
+    for step in range(start, start + count):
+        launched = loop.launch_step(run, step)
+        if not pipelined:
+            loop.resolve(launched)
+        elif pending is not None:
+            loop.resolve(pending)
+        pending = launched
+    if pending is not None:
+        loop.resolve(pending)
 
 
 def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[str], args, device) -> dict:
@@ -71,28 +98,28 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
     scene = load_scene(inputs, log)
     train_views, _ = split_views(len(scene.names), cfg.holdout_every)
     run = loop.setup(scene, train_views, cfg, device, log)
+    pipelined = special.get("sync", "0") != "1"
     t = time.perf_counter()
-    for step in range(args.warmup):
-        loop.train_step(run, step)
+    run_steps(run, 0, args.warmup, pipelined)
     sync(device)
     warm_s = time.perf_counter() - t
     t = time.perf_counter()
-    for step in range(args.warmup, args.warmup + args.steps):
-        loop.train_step(run, step)
+    run_steps(run, args.warmup, args.steps, pipelined)
     sync(device)
     step_ms = 1000 * (time.perf_counter() - t) / max(1, args.steps)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    start = args.warmup + args.steps
     with torch.profiler.profile(activities=acts) as prof:
-        for step in range(start, start + args.profile):
-            loop.train_step(run, step)
+        run_steps(run, args.warmup + args.steps, args.profile, pipelined)
         sync(device)
+    events = kernels(prof, device)
     samples = cfg.batch_rays * cfg.samples_per_ray
     return {"variant": name, "overrides": sets, **special, "backend": run.backend, "compiled": run.compiled,
             "warmup_seconds": warm_s, "ms_per_step": step_ms, "samples_per_second": samples / step_ms * 1000,
+            "busy_ms_per_step": sum(t for _, t, _ in events) / 1000.0 / max(1, args.profile),
+            "kernels_per_step": sum(c for _, _, c in events) / max(1, args.profile),
             "active_levels": int(run.model.sdf.level_mask.sum().item()) // run.model.sdf.grid.spec.features,
             "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-            "top": top_kernels(prof, device, args.rows)}
+            "top": top_kernels(events, args.rows)}
 
 
 def main(argv=None) -> int:
@@ -139,11 +166,12 @@ def main(argv=None) -> int:
             print(f"| {k['name']} | {k['ms']:.2f} | {100 * k['share']:.1f}% | {k['calls']} |")
     print(f"\nsteady-state steps on {info['device']}, preset {args.preset}, {args.views} views "
           f"{args.width}x{args.height}\n")
-    print("| variant | backend | ms/step | M samples/s | active levels | peak GB |\n|---|---|---|---|---|---|")
+    print("| variant | backend | ms/step | GPU busy ms/step | kernels/step | M samples/s | active levels | peak GB |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "-"
-        print(f"| {r['variant']} | {r['backend']} | {r['ms_per_step']:.2f} | {r['samples_per_second'] / 1e6:.2f} | "
-              f"{r['active_levels']} | {peak} |")
+        print(f"| {r['variant']} | {r['backend']} | {r['ms_per_step']:.2f} | {r['busy_ms_per_step']:.2f} | "
+              f"{r['kernels_per_step']:.0f} | {r['samples_per_second'] / 1e6:.2f} | {r['active_levels']} | {peak} |")
     return 0
 
 

@@ -172,8 +172,8 @@ def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
     if sfm is not None:
         terms["sfm"] = losses.masked_mean(out["extra_sdf"].abs(), sfm[1])
     total = losses.total(terms, weights)
-    info = {"psnr": losses.psnr(out["rgb"].detach(), target), "inv_s": float(out["inv_s"])}
-    return total, {**{k: v.detach() for k, v in terms.items()}, **info}
+    info = {"psnr": losses.psnr_tensor(out["rgb"].detach(), target), "inv_s": out["inv_s"]}
+    return total, {**{k: v.detach() for k, v in terms.items()}, **info}  # tensors: no host sync here
 
 
 def optimise(run: Run, loss: torch.Tensor, finite: bool = True) -> bool:
@@ -208,20 +208,44 @@ def update_occupancy(run: Run, step: int) -> None:
             run.comm.broadcast_occupancy(run.occ)
 
 
-def train_step(run: Run, step: int, hook: Callable | None = None) -> dict | None:
-    """One optimisation step; returns float metrics, or None when the loss is not finite."""
+@dataclass
+class Launched:
+    """A step whose GPU work is queued: its metrics as device tensors, read by :func:`resolve`."""
+
+    step: int
+    terms: dict
+    extra: dict
+    stepped: bool = True  # False: a rank saw a non-finite loss and no rank stepped (DDP)
+
+
+def launch_step(run: Run, step: int, hook: Callable | None = None) -> Launched:
+    """Queue one optimisation step without waiting for the GPU. Alone, the step is taken even
+    when its loss turns out non-finite: :func:`resolve` finds that out a step later and the
+    caller reloads the last checkpoint, which undoes it. With several ranks the ranks must agree
+    before stepping, so this waits for the loss."""
     weights = apply_schedules(run, step)
     update_occupancy(run, step)
     loss, terms = compute_losses(run, weights)
     if hook is not None:
         loss = hook(step, loss)
-    value = float(loss.detach())
-    if not optimise(run, loss, math.isfinite(value)):
+    terms["loss"] = loss.detach()
+    finite = True if run.comm is None else math.isfinite(float(terms["loss"]))
+    stepped = optimise(run, loss, finite)
+    extra = {"active_levels": weights["active_levels"], "eps": run.opts.eps, "lr": run.optimizer.param_groups[-1]["lr"]}
+    return Launched(step, terms, extra, stepped)
+
+
+def resolve(launched: Launched) -> dict | None:
+    """Float metrics of a launched step (waits for its GPU work), or None if its loss was not finite."""
+    metrics = {k: float(v) for k, v in launched.terms.items()}
+    if not launched.stepped or not math.isfinite(metrics["loss"]):
         return None
-    metrics = {k: float(v) for k, v in terms.items()}
-    metrics.update(loss=value, active_levels=weights["active_levels"], eps=run.opts.eps,
-                   lr=run.optimizer.param_groups[-1]["lr"])
-    return metrics
+    return {**metrics, **launched.extra}
+
+
+def train_step(run: Run, step: int, hook: Callable | None = None) -> dict | None:
+    """One optimisation step, waited for; returns float metrics, or None when the loss is not finite."""
+    return resolve(launch_step(run, step, hook))
 
 
 def state_payload(run: Run) -> dict:
@@ -307,12 +331,12 @@ def _record(run: Run, step: int, metrics: dict, writer) -> None:
             writer.add_scalar(f"train/{key}", value, step)
 
 
-def _step_once(run: Run, step: int, hook, log) -> dict | None:
-    """A training step; if the compiled networks fail on first use, fall back to eager once."""
+def _launch_once(run: Run, step: int, hook, log) -> Launched:
+    """Launch a training step; if the compiled networks fail on first use, fall back to eager once."""
     try:
-        metrics = train_step(run, step, hook)
+        launched = launch_step(run, step, hook)
         run.compile_checked = True
-        return metrics
+        return launched
     except Exception as exc:  # torch._dynamo / inductor errors have many types
         if not run.compiled or run.compile_checked or isinstance(exc, StageError):
             raise
@@ -320,7 +344,12 @@ def _step_once(run: Run, step: int, hook, log) -> dict | None:
                     str(exc).splitlines()[0][:200] if str(exc) else "")
         uncompile(run.model)
         run.compiled, run.compile_checked = False, True
-        return train_step(run, step, hook)
+        return launch_step(run, step, hook)
+
+
+def _ends_a_stretch(cfg, done: int, stopping: bool) -> bool:
+    """After ``done`` steps a checkpoint is due (or training ends): nothing may run ahead of it."""
+    return stopping or done % max(1, cfg.checkpoint_every) == 0 or done == cfg.iterations
 
 
 def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callable[[], bool],
@@ -344,14 +373,22 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
         from tqdm import tqdm
         bar = tqdm(total=cfg.iterations, initial=run.progress.step, desc="train", leave=False, dynamic_ncols=True)
     t0, base = time.perf_counter(), run.progress.elapsed
-    try:
+    pending: Launched | None = None  # the step before the one being launched: read one step late,
+    try:                             # so the host never waits for the GPU in between
         while run.progress.step < cfg.iterations:
-            step = run.progress.step
-            metrics = _step_once(run, step, hook, log)
-            if metrics is None:
-                recover(run, ckpt_dir, step, log)
-                t0, base = time.perf_counter(), run.progress.elapsed
+            ahead = pending is None or not _ends_a_stretch(cfg, pending.step + 1, should_stop())
+            nxt = None
+            if ahead and (pending.step + 1 if pending else run.progress.step) < cfg.iterations:
+                nxt = _launch_once(run, pending.step + 1 if pending else run.progress.step, hook, log)
+            if pending is None:
+                pending = nxt
                 continue
+            step, metrics = pending.step, resolve(pending)
+            if metrics is None:  # also drops ``nxt``: the reload undoes both
+                recover(run, ckpt_dir, step, log)
+                pending, t0, base = None, time.perf_counter(), run.progress.elapsed
+                continue
+            pending = nxt
             run.progress.step = step + 1
             run.progress.elapsed = base + time.perf_counter() - t0
             _record(run, step + 1, metrics, writer)
@@ -360,11 +397,11 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['psnr']:.2f}",
                                 it_s=f"{(step + 1 - bar.initial) / max(run.progress.elapsed - base, 1e-9):.1f}")
             stopping = should_stop()
-            if (step + 1) % max(1, cfg.checkpoint_every) == 0 or stopping or step + 1 == cfg.iterations:
+            if nxt is None and _ends_a_stretch(cfg, step + 1, stopping):
                 save_checkpoint(run, ckpt_dir, step + 1)
-            if stopping:
-                raise StageError(f"train: stopped by SIGTERM at step {step + 1}; checkpoint saved, "
-                                 "rerun to resume")
+                if stopping:
+                    raise StageError(f"train: stopped by SIGTERM at step {step + 1}; checkpoint saved, "
+                                     "rerun to resume")
     finally:
         if bar is not None:
             bar.close()

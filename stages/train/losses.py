@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -25,7 +24,17 @@ def curvature(lap: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def mask_bce(opacity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy(opacity.clamp(1e-3, 1.0 - 1e-3), mask.float())
+    """Binary cross-entropy written out: ``F.binary_cross_entropy`` asserts its input lies in
+    [0, 1], which a NaN (a diverged step, undone a step later by the loop) breaks, on CUDA by a
+    device-side assert that ends the process."""
+    p, m = opacity.clamp(1e-3, 1.0 - 1e-3), mask.to(opacity.dtype)
+    return -(m * torch.log(p) + (1.0 - m) * torch.log1p(-p)).mean()
+
+
+def psnr_tensor(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR as a 0-d tensor (no host sync), for values read later."""
+    mse = ((pred.float() - target.float()) ** 2).mean()
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
