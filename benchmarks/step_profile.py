@@ -4,9 +4,11 @@ Trains the spot scene (as benchmarks/train_quality.py renders it, GT cameras and
 real loop (``stages.train.loop``) for ``--warmup`` steps (past the occupancy warm-up, so samples
 follow the surface), times ``--steps`` more, then profiles ``--profile`` steps with
 ``torch.profiler``. Variants differ by train overrides (``--variant name:key=value,...``), by
-the numerical-gradient tap layout (``layout=tap``: tap-major instead of point-major) or by
+the numerical-gradient tap layout (``layout=tap``: tap-major instead of point-major), by
 waiting for every step's metrics before launching the next (``sync=1``; the loop reads them
-one step late). Besides ms/step it reports the GPU's busy time per step (sum of kernel times):
+one step late) or by compiling only the networks (``step=0``; by default rendering and losses
+are compiled whole). Each variant runs in its own process (the first variant of a process
+ran faster than the later ones). Besides ms/step it reports the GPU's busy time per step (sum of kernel times):
 the gap between the two is host overhead.
 
     PYTHONPATH=. python benchmarks/step_profile.py --variant base: --variant taps_tap_major:layout=tap \\
@@ -22,6 +24,7 @@ import argparse
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,11 +43,24 @@ def parse_variant(text: str) -> tuple[str, dict, list[str]]:
     special, sets = {}, []
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("layout", "sync"):
+        if key in ("layout", "sync", "step"):
             special[key] = value
         else:
             sets.append(f"train.{key}={value}")
     return name or "base", special, sets
+
+
+def strip_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the options ``names`` (``--name value`` and ``--name=value`` forms)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not a.startswith(tuple(n + "=" for n in names)):
+            out.append(a)
+    return out
 
 
 def sync(device: torch.device) -> None:
@@ -93,6 +109,7 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
 
     cfg = train_config(preset, args.set + sets, [], args.warmup + args.steps + args.profile + 1)
     gradients.INTERLEAVE = special.get("layout", "point") == "point"
+    loop.COMPILE_STEP = special.get("step", "1") == "1"
     log = logging.getLogger("profile")
     seed_everything(cfg.seed)
     scene = load_scene(inputs, log)
@@ -114,6 +131,7 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
     events = kernels(prof, device)
     samples = cfg.batch_rays * cfg.samples_per_ray
     return {"variant": name, "overrides": sets, **special, "backend": run.backend, "compiled": run.compiled,
+            "step_compiled": run.loss_fn is not None,
             "warmup_seconds": warm_s, "ms_per_step": step_ms, "samples_per_second": samples / step_ms * 1000,
             "busy_ms_per_step": sum(t for _, t, _ in events) / 1000.0 / max(1, args.profile),
             "kernels_per_step": sum(c for _, _, c in events) / max(1, args.profile),
@@ -148,13 +166,16 @@ def main(argv=None) -> int:
     shutil.rmtree(inputs_root, ignore_errors=True)
     inputs, _ = from_synthetic(gt_dir, inputs_root)
     rows = []
-    for text in args.variant or ["base:"]:
-        name, special, sets = parse_variant(text)
-        rows.append(run_variant(inputs, args.preset, name, special, sets, args, device))
+    variants = args.variant or ["base:"]
+    if len(variants) == 1:
+        rows.append(run_variant(inputs, args.preset, *parse_variant(variants[0]), args, device))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), file=sys.stderr)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+    else:
+        common = strip_options(sys.argv[1:] if argv is None else argv, ("--variant", "--out"))
+        for i, text in enumerate(variants):
+            one = args.workdir / f"profile_variant_{i}.json"
+            subprocess.run([sys.executable, __file__, *common, f"--variant={text}", f"--out={one}"], check=True)
+            rows += json.loads(one.read_text())["rows"]
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     if args.out:

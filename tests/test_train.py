@@ -125,6 +125,33 @@ def test_nonfinite_loss_reloads_halves_lr_then_fails(scene, tmp_path, determinis
         run_stage(inputs, cfg, tmp_path / "b", ctx(), hook=always_nan_at_3)
 
 
+def test_compiled_step_equals_the_eager_step(scene, tmp_path, monkeypatch, caplog):
+    """On CUDA, rendering + losses run as one torch.compile graph: here on the CPU (inductor's
+    C++ backend), with eager random numbers, it must give the eager run's loss curve, with one
+    graph for the whole run (no recompile when a schedule value changes) and no fallback."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    inputs, _ = scene
+    curves = {}
+    for mode in ("off", "on"):
+        torch._dynamo.reset()
+        cfg = TrainConfig(**{**TINY, "iterations": 6, "compile": mode, "holdout_eval_views": 0})
+        with caplog.at_level(logging.WARNING):
+            run_stage(inputs, cfg, tmp_path / mode, ctx())
+        info = json.loads((tmp_path / mode / "train.json").read_text())
+        assert info["compiled"] == (mode == "on")
+        curves[mode] = [h["loss"] for h in info["history"]]
+    assert "torch.compile failed" not in caplog.text
+    assert len(curves["on"]) == 6
+    np.testing.assert_allclose(curves["on"], curves["off"], rtol=1e-5)
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from stages.train.loop import render_losses
+    assert len(_debug_get_cache_entry_list(render_losses.__code__)) == 1  # eps, weights etc. changed 6 times
+
+
 def test_scene_mode_without_masks(scene, tmp_path):
     inputs = copy_inputs(scene[0], tmp_path / "in")
     (inputs["masks"] / "masks.json").write_text(json.dumps({"method": "none"}))

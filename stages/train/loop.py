@@ -54,6 +54,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     compile_checked: bool = False
     comm: object | None = None  # stages.train.ddp.Comm when several ranks train together
+    loss_fn: Callable | None = None  # render_losses compiled whole (see setup); None: as it is
 
     @property
     def main(self) -> bool:
@@ -80,18 +81,34 @@ def resolve_backend(cfg, device: torch.device) -> str:
     return "torch"
 
 
+COMPILE_STEP = True  # compile rendering + losses as one graph (else only the networks)
+
+
 def maybe_compile(model: NeuSModel, cfg, device: torch.device, log) -> bool:
     if cfg.compile == "off" or (cfg.compile == "auto" and device.type != "cuda"):
         return False
-    for part in (model.sdf, model.color):
+    for part in (model.sdf, model.color):  # alone for the occupancy grid and evaluation
         part.compile(dynamic=False)
-    log.info("train: torch.compile on for the SDF and colour networks")
+    log.info("train: torch.compile on for the SDF and colour networks%s",
+             " and for rendering + losses as a whole" if COMPILE_STEP else "")
     return True
 
 
 def uncompile(model: NeuSModel) -> None:
     for part in (model.sdf, model.color):
         part._compiled_call_impl = None
+
+
+def fall_back(run: Run, exc: Exception, log) -> None:
+    """A compiled graph failed on first use: drop the whole-step graph, then the networks'."""
+    log.warning("train: torch.compile failed (%s: %s); continuing %s", type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+                "with the networks compiled alone" if run.loss_fn is not None else "eagerly")
+    if run.loss_fn is not None:
+        run.loss_fn = None
+        return
+    uncompile(run.model)
+    run.compiled, run.compile_checked = False, True
 
 
 def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, log, comm=None) -> Run:
@@ -119,7 +136,8 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
     t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
     return Run(cfg, device, model, opt, scaler, sampler, OccupancyGrid(cfg.occ_resolution, device), opts,
                t(scene.points, torch.float32), t(scene.view_offsets, torch.long), t(scene.view_indices, torch.long),
-               object_mode, backend, compiled, comm=comm)
+               object_mode, backend, compiled, comm=comm,
+               loss_fn=torch.compile(render_losses, dynamic=False) if compiled and COMPILE_STEP else None)
 
 
 def sfm_points_of(run: Run, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -139,18 +157,49 @@ def apply_schedules(run: Run, step: int) -> dict[str, float]:
     cfg, spec = run.cfg, run.model.sdf.grid.spec
     active = schedule.active_levels(step, cfg, spec)
     run.model.sdf.set_active_levels(active)
-    run.opts.eps = schedule.epsilon(step, cfg, spec)
-    run.opts.cos_anneal = schedule.cos_anneal(step, cfg)
+    run.opts.eps = torch.tensor(schedule.epsilon(step, cfg, spec))  # 0-d CPU tensors: inputs of a
+    run.opts.cos_anneal = torch.tensor(schedule.cos_anneal(step, cfg))  # compiled step, not constants
     factor = schedule.lr_factor(step, cfg) * run.progress.lr_scale
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     return {"rgb": cfg.rgb_weight, "eikonal": cfg.eikonal_weight,
             "curvature": schedule.curvature_weight(step, cfg, spec) if cfg.gradient_mode != "analytic" else 0.0,
             "mask": cfg.mask_weight if run.object_mode else 0.0, "sfm": schedule.sfm_weight(step, cfg),
-            "active_levels": active, "occupancy": step >= cfg.occ_warmup_steps}
+            "active_levels": active}
+
+
+def loss_terms(run: Run) -> tuple[str, ...]:
+    """The terms in the total loss, fixed for the whole run (a term whose scheduled weight is 0
+    for a while stays in, weighted 0), so the compiled step keeps one graph."""
+    cfg = run.cfg
+    on = {"rgb": cfg.rgb_weight != 0, "eikonal": cfg.eikonal_weight != 0,
+          "curvature": cfg.curvature_weight != 0 and cfg.gradient_mode != "analytic",
+          "mask": run.object_mode and cfg.mask_weight != 0,
+          "sfm": cfg.sfm_weight > 0 and cfg.sfm_loss_steps > 0 and cfg.sfm_points_per_view > 0
+          and run.indices.numel() > 0}
+    return tuple(k for k, v in on.items() if v)
+
+
+def render_losses(model, o, d, target, mask, bg, sfm_points, sfm_valid, grid, opts: RenderOptions,
+                  weights: dict) -> tuple[torch.Tensor, dict]:
+    """Render the batch and weigh the loss terms: the part of a step that ``torch.compile``
+    takes whole (``Run.loss_fn``). ``weights`` holds the terms in the total, as 0-d CPU tensors,
+    so a changing schedule value is an input and not a recompile."""
+    out = render_rays(model, o, d, grid, opts, bg, extra_points=sfm_points)
+    terms = {"rgb": losses.rgb_l1(out["rgb"], target),
+             "eikonal": losses.eikonal(out["grad"], out["valid"]),
+             "curvature": losses.curvature(out["lap"], out["valid"])}
+    if mask is not None:
+        terms["mask"] = losses.mask_bce(out["opacity"], mask)
+    if sfm_points is not None:
+        terms["sfm"] = losses.masked_mean(out["extra_sdf"].abs(), sfm_valid)
+    total = losses.total(terms, weights)
+    info = {"psnr": losses.psnr_tensor(out["rgb"].detach(), target), "inv_s": out["inv_s"]}
+    return total, {**{k: v.detach() for k, v in terms.items()}, **info}
 
 
 def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
+    """Loss and its terms (device tensors: nothing here waits for the GPU)."""
     cfg, ranks = run.cfg, 1 if run.comm is None else run.comm.world
     batch = run.sampler.sample(cfg.batch_rays // ranks, max(1, cfg.views_per_batch // ranks), cfg.mask_ray_fraction)
     bg, target = None, batch.rgb
@@ -160,20 +209,13 @@ def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
         else:
             bg = torch.full_like(batch.rgb, 1.0 if cfg.background_color == "white" else 0.0)
         target = torch.where(batch.mask[:, None], batch.rgb, bg)
-    sfm = sfm_points_of(run, batch.views) if weights["sfm"] > 0 else None
-    grid = run.occ if weights["occupancy"] else None
-    out = render_rays(run.model, batch.origins, batch.dirs, grid, run.opts, bg,
-                      extra_points=None if sfm is None else sfm[0])
-    terms = {"rgb": losses.rgb_l1(out["rgb"], target),
-             "eikonal": losses.eikonal(out["grad"], out["valid"]),
-             "curvature": losses.curvature(out["lap"], out["valid"])}
-    if run.object_mode:
-        terms["mask"] = losses.mask_bce(out["opacity"], batch.mask)
-    if sfm is not None:
-        terms["sfm"] = losses.masked_mean(out["extra_sdf"].abs(), sfm[1])
-    total = losses.total(terms, weights)
-    info = {"psnr": losses.psnr_tensor(out["rgb"].detach(), target), "inv_s": out["inv_s"]}
-    return total, {**{k: v.detach() for k, v in terms.items()}, **info}  # tensors: no host sync here
+    names = loss_terms(run)
+    sfm = sfm_points_of(run, batch.views) if "sfm" in names else None
+    live = {k: torch.tensor(float(weights[k])) for k in names}
+    mask = batch.mask if run.object_mode else None
+    # the occupancy grid is all occupied until its first update (occ_warmup_steps): uniform samples
+    return (run.loss_fn or render_losses)(run.model, batch.origins, batch.dirs, target, mask, bg,
+                                          *(sfm if sfm is not None else (None, None)), run.occ, run.opts, live)
 
 
 def optimise(run: Run, loss: torch.Tensor, finite: bool = True) -> bool:
@@ -231,7 +273,8 @@ def launch_step(run: Run, step: int, hook: Callable | None = None) -> Launched:
     terms["loss"] = loss.detach()
     finite = True if run.comm is None else math.isfinite(float(terms["loss"]))
     stepped = optimise(run, loss, finite)
-    extra = {"active_levels": weights["active_levels"], "eps": run.opts.eps, "lr": run.optimizer.param_groups[-1]["lr"]}
+    extra = {"active_levels": weights["active_levels"], "eps": float(run.opts.eps),
+             "lr": run.optimizer.param_groups[-1]["lr"]}
     return Launched(step, terms, extra, stepped)
 
 
@@ -333,18 +376,15 @@ def _record(run: Run, step: int, metrics: dict, writer) -> None:
 
 def _launch_once(run: Run, step: int, hook, log) -> Launched:
     """Launch a training step; if the compiled networks fail on first use, fall back to eager once."""
-    try:
-        launched = launch_step(run, step, hook)
-        run.compile_checked = True
-        return launched
-    except Exception as exc:  # torch._dynamo / inductor errors have many types
-        if not run.compiled or run.compile_checked or isinstance(exc, StageError):
-            raise
-        log.warning("train: torch.compile failed (%s: %s); continuing eagerly", type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "")
-        uncompile(run.model)
-        run.compiled, run.compile_checked = False, True
-        return launch_step(run, step, hook)
+    while True:
+        try:
+            launched = launch_step(run, step, hook)
+            run.compile_checked = True
+            return launched
+        except Exception as exc:  # torch._dynamo / inductor errors have many types
+            if not run.compiled or run.compile_checked or isinstance(exc, StageError):
+                raise
+            fall_back(run, exc, log)
 
 
 def _ends_a_stretch(cfg, done: int, stopping: bool) -> bool:

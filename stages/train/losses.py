@@ -42,10 +42,10 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(-10.0 * torch.log10(torch.tensor(max(mse, 1e-10))))
 
 
-def total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+def total(terms: dict[str, torch.Tensor], weights: dict) -> torch.Tensor:
+    """Weighted sum of the terms named in ``weights`` (the caller leaves out zero weights)."""
     out = None
-    for name, value in terms.items():
-        w = weights.get(name, 0.0)
-        if w:
-            out = value * w if out is None else out + value * w
+    for name, w in weights.items():
+        if name in terms:
+            out = terms[name] * w if out is None else out + terms[name] * w
     return out
