@@ -86,7 +86,7 @@ class SfmPointsConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Neural SDF training (stages/train). Defaults are the quality preset for one GPU."""
-    iterations: int = opt(4000, "optimisation steps (4000 met the spot targets in ~100 s on one GPU: benchmarks/RESULTS.md)")
+    iterations: int = opt(4000, "optimisation steps (4000 met the spot targets in ~63 s on one H100: benchmarks/RESULTS.md)")
     seed: int = opt(0, "random seed (torch, numpy, python)")
     mode: Literal["auto", "object", "scene"] = opt(
         "auto", "object: masks, background colour, mask loss; scene: no masks, background field; auto: object when masks exist")
@@ -118,7 +118,8 @@ class TrainConfig:
     grid_bound: float = opt(1.0, "the grid covers [-bound, bound]^3 in unit-sphere coordinates")
     grid_backend: Literal["auto", "torch", "triton", "tcnn"] = opt(
         "auto", "hash grid backend (auto on CUDA: tcnn when it imports, else triton, else torch; torch on CPU); checkpoints load in any")
-    compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile the fields (auto: on CUDA only)")
+    compile: Literal["auto", "on", "off"] = opt(
+        "auto", "torch.compile rendering + losses as one graph and the networks (auto: on CUDA only)")
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast of the colour/background MLPs on CUDA (the SDF stays fp32); auto = bf16 on CUDA")
     # coarse-to-fine and numerical gradients
     c2f_init_levels: int = opt(4, "hash levels active at the start")

@@ -1,7 +1,11 @@
 """The training loop: set up, step (rays -> render -> losses -> AdamW), checkpoint, resume,
 recover from non-finite losses. State lives in :class:`Run`; schedules are pure functions.
 With several ranks (``Run.comm``, see ``stages.train.ddp``) each draws its share of the rays,
-gradients are averaged, rank 0 computes the occupancy grid and writes the checkpoints."""
+gradients are averaged, rank 0 computes the occupancy grid and writes the checkpoints.
+
+Speed (benchmarks/step_profile.py): on CUDA rendering + losses are one ``torch.compile`` graph
+(``render_losses``; a step used to be host-bound, 570 small kernels), and ``train`` reads each
+step's metrics only after launching the next, so the host never waits for the GPU."""
 from __future__ import annotations
 
 import dataclasses
