@@ -30,7 +30,7 @@ for part in $PARTS; do
       kill $SMI; log "$OUT/mesh.log" 16; tail -n 4 /tmp/mesh_smi.log ;;
     profile)
       timeout ${PROFILE_TIMEOUT:-200} python benchmarks/step_profile.py --workdir $WORK --warmup 600 --steps 150 \
-          ${VARIANTS:---variant whole_step: --variant fields_only:step=0} \
+          ${VARIANTS:---variant fused_adamw: --variant foreach_adamw:fused=0} \
           --out "$OUT/step_profile.json" \
           > "$OUT/profile.log" 2>&1; echo "profile rc=$?"; log "$OUT/profile.log" 50 ;;
     kernels)

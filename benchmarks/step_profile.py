@@ -6,10 +6,10 @@ follow the surface), times ``--steps`` more, then profiles ``--profile`` steps w
 ``torch.profiler``. Variants differ by train overrides (``--variant name:key=value,...``), by
 the numerical-gradient tap layout (``layout=tap``: tap-major instead of point-major), by
 waiting for every step's metrics before launching the next (``sync=1``; the loop reads them
-one step late) or by compiling only the networks (``step=0``; by default rendering and losses
-are compiled whole). Each variant runs in its own process (the first variant of a process
-ran faster than the later ones). Besides ms/step it reports the GPU's busy time per step (sum of kernel times):
-the gap between the two is host overhead.
+one step late), by compiling only the networks (``step=0``; by default rendering and losses
+are compiled whole) or by the multi-kernel AdamW (``fused=0``). Each variant runs in its own
+process (the first variant of a process ran faster than the later ones). Besides ms/step it
+reports the GPU's busy time per step (sum of kernel times): the gap is host overhead.
 
     PYTHONPATH=. python benchmarks/step_profile.py --variant base: --variant taps_tap_major:layout=tap \\
         --out profile.json
@@ -43,7 +43,7 @@ def parse_variant(text: str) -> tuple[str, dict, list[str]]:
     special, sets = {}, []
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("layout", "sync", "step"):
+        if key in ("layout", "sync", "step", "fused"):
             special[key] = value
         else:
             sets.append(f"train.{key}={value}")
@@ -110,6 +110,7 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
     cfg = train_config(preset, args.set + sets, [], args.warmup + args.steps + args.profile + 1)
     gradients.INTERLEAVE = special.get("layout", "point") == "point"
     loop.COMPILE_STEP = special.get("step", "1") == "1"
+    loop.FUSED_ADAMW = special.get("fused", "1") == "1"
     log = logging.getLogger("profile")
     seed_everything(cfg.seed)
     scene = load_scene(inputs, log)

@@ -86,6 +86,7 @@ def resolve_backend(cfg, device: torch.device) -> str:
 
 
 COMPILE_STEP = True  # compile rendering + losses as one graph (else only the networks)
+FUSED_ADAMW = True  # on CUDA
 
 
 def maybe_compile(model: NeuSModel, cfg, device: torch.device, log) -> bool:
@@ -127,7 +128,8 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
     backend = resolve_backend(cfg, device)
     model = NeuSModel(cfg, scene_mode=not object_mode, backend=backend).to(device)
     groups = model.param_groups(cfg.lr, cfg.lr_grid_mult, cfg.lr_inv_s_mult)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                            fused=FUSED_ADAMW and device.type == "cuda")  # one kernel per group, not a dozen
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     masks = scene.masks[train_views] if object_mode else None
