@@ -86,7 +86,7 @@ class SfmPointsConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Neural SDF training (stages/train). Defaults are the quality preset for one GPU."""
-    iterations: int = opt(4000, "optimisation steps (4000 met the spot targets in ~63 s on one H100: benchmarks/RESULTS.md)")
+    iterations: int = opt(4000, "optimisation steps (4000 met the spot targets in ~57 s on one H100: benchmarks/RESULTS.md)")
     seed: int = opt(0, "random seed (torch, numpy, python)")
     mode: Literal["auto", "object", "scene"] = opt(
         "auto", "object: masks, background colour, mask loss; scene: no masks, background field; auto: object when masks exist")
