@@ -125,10 +125,12 @@ def test_nonfinite_loss_reloads_halves_lr_then_fails(scene, tmp_path, determinis
         run_stage(inputs, cfg, tmp_path / "b", ctx(), hook=always_nan_at_3)
 
 
-def test_compiled_step_equals_the_eager_step(scene, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("train_mode", ["object", "scene"])
+def test_compiled_step_equals_the_eager_step(scene, tmp_path, monkeypatch, caplog, train_mode):
     """On CUDA, rendering + losses run as one torch.compile graph: here on the CPU (inductor's
     C++ backend), with eager random numbers, it must give the eager run's loss curve, with one
-    graph for the whole run (no recompile when a schedule value changes) and no fallback."""
+    graph for the whole run (no recompile when a schedule value changes) and no fallback; in
+    scene mode too (background field, depth-sorted compositing)."""
     import torch._dynamo
     import torch._inductor.config
 
@@ -137,11 +139,11 @@ def test_compiled_step_equals_the_eager_step(scene, tmp_path, monkeypatch, caplo
     curves = {}
     for mode in ("off", "on"):
         torch._dynamo.reset()
-        cfg = TrainConfig(**{**TINY, "iterations": 6, "compile": mode, "holdout_eval_views": 0})
+        cfg = TrainConfig(**{**TINY, "iterations": 6, "compile": mode, "holdout_eval_views": 0, "mode": train_mode})
         with caplog.at_level(logging.WARNING):
             run_stage(inputs, cfg, tmp_path / mode, ctx())
         info = json.loads((tmp_path / mode / "train.json").read_text())
-        assert info["compiled"] == (mode == "on")
+        assert info["compiled"] == (mode == "on") and info["mode"] == train_mode
         curves[mode] = [h["loss"] for h in info["history"]]
     assert "torch.compile failed" not in caplog.text
     assert len(curves["on"]) == 6
