@@ -187,7 +187,7 @@ def test_presets_run_two_steps(scene, tmp_path, preset):
     assert info["iterations"] == 2 and np.isfinite(info["history"][-1]["loss"])
 
 
-CI_QUALITY = dict(iterations=250, batch_rays=512, views_per_batch=4, samples_per_ray=12, ray_candidates=48,
+CI_QUALITY = dict(iterations=400, batch_rays=512, views_per_batch=4, samples_per_ray=12, ray_candidates=48,
                   occ_resolution=24, grid_levels=6, grid_features=2, grid_log2_table=13, grid_base_res=8,
                   grid_max_res=96, sdf_hidden=32, feature_dim=16, color_layers=2, color_hidden=32,
                   c2f_init_levels=3, c2f_step=40, warmup_steps=20, lr=5e-3, lr_grid_mult=4.0, cos_anneal_steps=60,
@@ -206,8 +206,10 @@ class SphereSdf:
 
 
 def test_short_training_recovers_the_shape(tmp_path):
-    """CI-sized: 250 steps on 16 views of 64x48 px. The mesh must be much closer to the ground
-    truth than the initial sphere and within 3% of the bbox diagonal (Chamfer-L1)."""
+    """CI-sized: 400 steps on 16 views of 64x48 px. The mesh must be much closer to the ground
+    truth than the initial sphere and within 3% of the bbox diagonal (Chamfer-L1). (At 250
+    steps the seeds 0-2 spread over 2.2-2.7% and F 0.36-0.55, across these bounds; at 400 they
+    give 2.23-2.36% and F 0.52-0.53.)"""
     inputs, gt = analytic_scene(tmp_path / "scene", views=16, width=64, height=48)
     train.run(inputs, TrainConfig(**CI_QUALITY), tmp_path / "train", ctx())
     sdf = train.load_sdf(tmp_path / "train")
