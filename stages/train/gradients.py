@@ -7,7 +7,8 @@ Tetrahedral (Neuralangelo): taps at ``x + eps * k_i`` with k = (1,-1,-1), (-1,-1
 through the field in one batched call, each point next to its taps (``INTERLEAVE``): the taps
 share grid cells with their point at the coarse levels, so the hash-grid kernels hit the cache
 (2-3x faster on random points in benchmarks/hashgrid_triton_check.py) instead of walking the
-batch once per tap.
+batch once per tap. In training, where samples along a ray already share cells, the two
+layouts measured the same (benchmarks/RESULTS.md, fourth session).
 """
 from __future__ import annotations
 

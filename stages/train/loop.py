@@ -292,11 +292,6 @@ def resolve(launched: Launched) -> dict | None:
     return {**metrics, **launched.extra}
 
 
-def train_step(run: Run, step: int, hook: Callable | None = None) -> dict | None:
-    """One optimisation step, waited for; returns float metrics, or None when the loss is not finite."""
-    return resolve(launch_step(run, step, hook))
-
-
 def state_payload(run: Run) -> dict:
     """The checkpoint; with several ranks every rank's RNG state too (``rng_ranks``), so that a
     resume continues each rank's ray stream. Collective: call it on every rank."""
@@ -381,7 +376,8 @@ def _record(run: Run, step: int, metrics: dict, writer) -> None:
 
 
 def _launch_once(run: Run, step: int, hook, log) -> Launched:
-    """Launch a training step; if the compiled networks fail on first use, fall back to eager once."""
+    """Launch a training step; if a compiled graph fails on first use, fall back (``fall_back``)
+    and launch it again."""
     while True:
         try:
             launched = launch_step(run, step, hook)
@@ -422,10 +418,9 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
     pending: Launched | None = None  # the step before the one being launched: read one step late,
     try:                             # so the host never waits for the GPU in between
         while run.progress.step < cfg.iterations:
-            ahead = pending is None or not _ends_a_stretch(cfg, pending.step + 1, should_stop())
-            nxt = None
-            if ahead and (pending.step + 1 if pending else run.progress.step) < cfg.iterations:
-                nxt = _launch_once(run, pending.step + 1 if pending else run.progress.step, hook, log)
+            following = pending.step + 1 if pending else run.progress.step
+            ahead = pending is None or not _ends_a_stretch(cfg, following, should_stop())
+            nxt = _launch_once(run, following, hook, log) if ahead and following < cfg.iterations else None
             if pending is None:
                 pending = nxt
                 continue

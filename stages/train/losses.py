@@ -38,12 +38,12 @@ def psnr_tensor(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    mse = float(((pred.float() - target.float()) ** 2).mean())
-    return float(-10.0 * torch.log10(torch.tensor(max(mse, 1e-10))))
+    return float(psnr_tensor(pred, target))
 
 
 def total(terms: dict[str, torch.Tensor], weights: dict) -> torch.Tensor:
-    """Weighted sum of the terms named in ``weights`` (the caller leaves out zero weights)."""
+    """Weighted sum of the terms named in ``weights`` (floats or 0-d tensors; a term weighted 0
+    stays in the sum, so the set of terms, and a compiled graph, need not change)."""
     out = None
     for name, w in weights.items():
         if name in terms:
