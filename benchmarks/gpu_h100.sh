@@ -4,6 +4,8 @@
 # (benchmarks/mesh.py, the issue-6 target), then where a step's time goes
 # (benchmarks/step_profile.py: tap layouts) and the SDF-step/hash-grid kernels
 # (benchmarks/hashgrid.py). Each part has its own time limit so a slow one cannot eat the next.
+# Also: "tests" (the triton kernels against their torch twin, on the GPU) and "check"
+# (benchmarks/hashgrid_triton_check.py: points layouts, atomics, bandwidth floor).
 # Usage (repo root, wheels in .whl/): [PARTS="train mesh profile kernels"] bash benchmarks/gpu_h100.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,12 +32,18 @@ for part in $PARTS; do
       kill $SMI; log "$OUT/mesh.log" 16; tail -n 4 /tmp/mesh_smi.log ;;
     profile)
       timeout ${PROFILE_TIMEOUT:-200} python benchmarks/step_profile.py --workdir $WORK --warmup 600 --steps 150 \
-          ${VARIANTS:---variant fused_adamw: --variant foreach_adamw:fused=0} \
+          ${VARIANTS:---variant now: --variant scalar_atomics:atomics=scalar --variant no_level_skip:skip=0} \
           --out "$OUT/step_profile.json" \
           > "$OUT/profile.log" 2>&1; echo "profile rc=$?"; log "$OUT/profile.log" 50 ;;
+    tests)
+      TRITON_INTERPRET=0 timeout ${TESTS_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider \
+          tests/test_hashgrid_triton.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; log "$OUT/tests.log" 5 ;;
+    check)
+      timeout ${CHECK_TIMEOUT:-240} python benchmarks/hashgrid_triton_check.py --features 8,2 --iters 10 \
+          --out "$OUT/check.json" > "$OUT/check.log" 2>&1; echo "check rc=$?"; log "$OUT/check.log" 30 ;;
     kernels)
-      timeout ${KERNEL_TIMEOUT:-150} python benchmarks/hashgrid.py --backends compiled,triton --features 8 2 \
-          --taps tetra4 --repeats 5 --out "$OUT/hashgrid.json" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
+      timeout ${KERNEL_TIMEOUT:-300} python benchmarks/hashgrid.py --backends ${KERNEL_BACKENDS:-compiled,triton,compiled_step,triton_step} --features 8 2 \
+          --taps tetra4 --repeats 5 ${KERNEL_ARGS:-} --out "$OUT/hashgrid.json" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
       log "$OUT/kernels.log" 10 ;;
   esac
 done

@@ -5,7 +5,7 @@
 
 Backends: torch eager, torch compiled (``torch.compile``), triton (stages/train/hashgrid_triton.py;
 CUDA) alone and under ``torch.compile`` (the MLP compiled around the custom op), tcnn (only if
-tinycudann imports).
+tinycudann imports); ``compiled_step`` / ``triton_step`` compile the whole SDF step, as training does.
 Also a full SDF step (x + numerical-gradient taps through grid and 1x256 MLP, eikonal +
 curvature, backward) per backend, in samples/s. Prints a markdown table last; JSON to --out.
 """
@@ -49,13 +49,17 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 GRID_BACKEND = {"eager": "torch", "compiled": "torch", "triton": "triton", "triton_compiled": "triton",
-                "tcnn": "tcnn"}
+                "compiled_step": "torch", "triton_step": "triton", "triton_step_tf32": "triton", "tcnn": "tcnn"}
+# SDF step only: the whole step (taps, field, losses; forward and backward) is one torch.compile
+# graph, as in training (stages/train/loop.py); for the grid case these equal their *_compiled twin.
+# triton_step_tf32: the same with TF32 matmuls (see --precision for what that does to gradients).
+WHOLE_STEP = ("compiled_step", "triton_step", "triton_step_tf32")
 
 
 def grid_case(spec: GridSpec, backend: str, n: int, device, repeats: int) -> dict:
     grid = HashGrid(spec, GRID_BACKEND[backend]).to(device)
     call = grid
-    if backend.endswith("compiled"):
+    if backend.endswith("compiled") or backend in WHOLE_STEP:
         call = torch.compile(grid, dynamic=False)
     x = torch.rand(n, 3, device=device)
     w = torch.randn(n, spec.out_dim, device=device)
@@ -84,16 +88,79 @@ class TinySdf(torch.nn.Module):
 def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str) -> dict:
     model = TinySdf(spec, 256, GRID_BACKEND[backend]).to(device)
     field = torch.compile(model, dynamic=False) if backend.endswith("compiled") else model
+
+    def sdf_loss(x):
+        sdf, feat, grad, lap = sdf_and_gradients(field, x, 1e-3, taps)
+        return sdf.abs().mean() + 0.1 * ((grad.norm(dim=-1) - 1) ** 2).mean() + 5e-4 * lap.abs().mean() + feat.mean()
+    loss_of = torch.compile(sdf_loss, dynamic=False) if backend in WHOLE_STEP else sdf_loss
     x = torch.rand(n, 3, device=device) * 1.2 - 0.6
 
     def step():
         model.zero_grad(set_to_none=True)
-        sdf, feat, grad, lap = sdf_and_gradients(field, x, 1e-3, taps)
-        loss = sdf.abs().mean() + 0.1 * ((grad.norm(dim=-1) - 1) ** 2).mean() + 5e-4 * lap.abs().mean() + feat.mean()
-        loss.backward()
-    sec, peak = timed(step, device, repeats)
-    return {"case": f"sdf step {taps}", "backend": backend, "features": spec.features, "n": n,
-            "per_second": n / sec, "ms": 1000 * sec, "peak_gib": peak}
+        loss_of(x).backward()
+    torch.backends.cuda.matmul.allow_tf32 = backend.endswith("_tf32")
+    try:
+        sec, peak = timed(step, device, repeats)
+        row = {"case": f"sdf step {taps}", "backend": backend, "features": spec.features, "n": n,
+               "per_second": n / sec, "ms": 1000 * sec, "peak_gib": peak}
+        if PROFILE and device.type == "cuda":
+            row["busy_ms"], row["top_kernels"] = profile_kernels(step, device, repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return row
+
+
+PROFILE = False  # --profile: the SDF step's GPU busy time and top kernels per backend
+
+
+def profile_kernels(step, device, repeats: int, rows: int = 8) -> tuple[float, list]:
+    """GPU busy ms per call (the sum of kernel times) and the kernels that take the most."""
+    from step_profile import kernels, top_kernels
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        sync(device)
+    events = kernels(prof, device)
+    top = top_kernels(events, rows)
+    for k in top:
+        k["ms"] /= repeats
+    return sum(t for _, t, _ in events) / 1000.0 / repeats, top
+
+
+def precision_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str) -> list[dict]:
+    """Does a low-precision SDF MLP hurt numerical gradients? The SDF network of training
+    (geometric init, table uniform in +-0.01 as a stand-in for a trained one) evaluated in fp64
+    (reference), fp32, TF32 matmuls and bf16 autocast: gradient angle and |grad| errors."""
+    import dataclasses
+
+    from pipeline.config import TrainConfig
+    from stages.train.fields import SDFNetwork
+
+    cfg = dataclasses.replace(TrainConfig(), grid_levels=spec.levels, grid_features=spec.features,
+                              grid_log2_table=spec.log2_table, grid_base_res=spec.base_res,
+                              grid_max_res=spec.max_res, sdf_hidden=256)
+    torch.manual_seed(0)
+    net = SDFNetwork(cfg, "torch").to(device)
+    with torch.no_grad():
+        net.grid.table.uniform_(-1e-2, 1e-2)
+    x = torch.nn.functional.normalize(torch.randn(n, 3, device=device), dim=-1) * 0.5  # near the surface
+    with torch.no_grad():
+        ref = sdf_and_gradients(net.double(), x.double(), 1e-3, taps)[2]
+        net.float()
+        rows = []
+        for name in ("fp32", "tf32", "bf16"):
+            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+            with torch.autocast(device.type, torch.bfloat16, enabled=name == "bf16"):
+                grad = sdf_and_gradients(net, x, 1e-3, taps)[2].double()
+            torch.backends.cuda.matmul.allow_tf32 = False
+            cos = torch.nn.functional.cosine_similarity(grad, ref, dim=-1).clamp(-1, 1)
+            angle = torch.rad2deg(torch.arccos(cos))
+            norm_err = (grad.norm(dim=-1) - ref.norm(dim=-1)).abs()
+            rows.append({"case": f"sdf precision {taps}", "backend": name, "features": spec.features, "n": n,
+                         "angle_deg_median": float(angle.median()), "angle_deg_p99": float(angle.quantile(0.99)),
+                         "grad_norm_err_median": float(norm_err.median()), "grad_norm_ref_median": float(ref.norm(dim=-1).median())})
+    return rows
 
 
 def run_case(fn, *args) -> dict:
@@ -128,14 +195,19 @@ def main(argv=None) -> int:
     ap.add_argument("--base-res", type=int, default=32)
     ap.add_argument("--max-res", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--backends", default="eager,compiled,triton,triton_compiled,tcnn")
+    ap.add_argument("--backends", default="eager,compiled,triton,triton_compiled,compiled_step,triton_step,tcnn")
     ap.add_argument("--taps", nargs="+", default=["tetra4", "central6"])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test sizes")
+    ap.add_argument("--precision", action="store_true",
+                    help="numerical-gradient error of the SDF MLP in fp32 / TF32 / bf16 against fp64")
+    ap.add_argument("--profile", action="store_true", help="SDF step: GPU busy time and top kernels (CUDA)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.tiny:
         args.n, args.sdf_n, args.levels, args.log2_table, args.max_res, args.base_res, args.repeats = \
             4096, 2048, 8, 14, 256, 16, 2
+    global PROFILE
+    PROFILE = args.profile
     device = torch.device(args.device)
     backends = [b for b in args.backends.split(",") if available(b, device)]
     rows = []
@@ -146,6 +218,9 @@ def main(argv=None) -> int:
             for taps in args.taps:
                 rows.append(run_case(sdf_step_case, spec, backend, args.sdf_n, device, args.repeats, taps))
             print(json.dumps(rows[-1 - len(args.taps)]), file=sys.stderr)
+        if args.precision:
+            got = run_case(precision_case, spec, "fp32", min(args.sdf_n, 65536), device, args.repeats, args.taps[0])
+            rows.extend(got if isinstance(got, list) else [got])
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "tcnn": tcnn_available(), "args": {k: str(v) for k, v in vars(args).items()},
             "rows": rows}
@@ -153,11 +228,21 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(info, indent=1))
     print(f"\nhash grid: {args.levels} levels, 2^{args.log2_table} table, res {args.base_res}->{args.max_res}, "
           f"device {info['device']}, torch {torch.__version__}\n")
+    for r in rows:
+        if "top_kernels" in r:
+            print(f"\n{r['case']}, {r['backend']}, F={r['features']}: GPU busy {r['busy_ms']:.2f} of {r['ms']:.2f} ms")
+            for k in r["top_kernels"]:
+                print(f"  {k['ms']:7.3f} ms {100 * k['share']:5.1f}%  x{k['calls']}  {k['name']}")
+    print()
     print("| case | backend | F | N | M points/s | ms | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['case']} | {r['backend']} | | | error: {r['error'][:80]} | | |")
+        elif "angle_deg_median" in r:
+            print(f"| {r['case']} | {r['backend']} | {r['features']} | {r['n']} | gradient angle error median "
+                  f"{r['angle_deg_median']:.3f} deg, p99 {r['angle_deg_p99']:.3f} deg, abs(grad) error median "
+                  f"{r['grad_norm_err_median']:.2e} | | |")
         else:
             print(f"| {r['case']} | {r['backend']} | {r['features']} | {r['n']} | {r['per_second'] / 1e6:.2f} | "
                   f"{r['ms']:.1f} | {r['peak_gib']:.2f} |")

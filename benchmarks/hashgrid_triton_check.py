@@ -195,7 +195,7 @@ def run_config(spec: GridSpec, args, device, ht) -> dict:
     if args.sweep:
         fwd_only = lambda: ht.encode_triton(x, grid.table, spec)  # noqa: E731
         scales, meta = ht.level_tables(spec, None, device)
-        bwd_only = lambda: ht.hashgrid_bwd(gout, x, grid.table, scales, meta, True, False)  # noqa: E731
+        bwd_only = lambda: ht.hashgrid_bwd(gout, x, grid.table, scales, meta, x.new_empty(0), True, False)  # noqa: E731
         with torch.no_grad():
             res["sweep"] = {"fwd": sweep(ht, "fwd", fwd_only, device, iters),
                             "bwd": sweep(ht, "bwd", bwd_only, device, iters)}

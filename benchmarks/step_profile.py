@@ -7,7 +7,8 @@ follow the surface), times ``--steps`` more, then profiles ``--profile`` steps w
 the numerical-gradient tap layout (``layout=tap``: tap-major instead of point-major), by
 waiting for every step's metrics before launching the next (``sync=1``; the loop reads them
 one step late), by compiling only the networks (``step=0``; by default rendering and losses
-are compiled whole) or by the multi-kernel AdamW (``fused=0``). Each variant runs in its own
+are compiled whole), by the multi-kernel AdamW (``fused=0``) or, with the triton grid, by
+computing the levels that coarse-to-fine masks off (``skip=0``). Each variant runs in its own
 process (the first variant of a process ran faster than the later ones). Besides ms/step it
 reports the GPU's busy time per step (sum of kernel times): the gap is host overhead.
 
@@ -43,7 +44,7 @@ def parse_variant(text: str) -> tuple[str, dict, list[str]]:
     special, sets = {}, []
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("layout", "sync", "step", "fused"):
+        if key in ("layout", "sync", "step", "fused", "skip"):
             special[key] = value
         else:
             sets.append(f"train.{key}={value}")
@@ -111,6 +112,9 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
     gradients.INTERLEAVE = special.get("layout", "point") == "point"
     loop.COMPILE_STEP = special.get("step", "1") == "1"
     loop.FUSED_ADAMW = special.get("fused", "1") == "1"
+    if "skip" in special:  # triton grid: compute the levels coarse-to-fine masks off, then multiply
+        from stages.train import hashgrid_triton
+        hashgrid_triton.LEVEL_SKIP = special["skip"] == "1"
     log = logging.getLogger("profile")
     seed_everything(cfg.seed)
     scene = load_scene(inputs, log)

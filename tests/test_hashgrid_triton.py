@@ -109,6 +109,31 @@ def test_double_backward_through_table_gradient():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("features", [2, 8])
+def test_level_mask_matches_torch_and_skips_levels(features):
+    """Coarse-to-fine: a per-level mask (here 1, 1, 0.5, then 0) equals torch's ``enc * mask`` in
+    values, first and second derivatives; masked-off levels get exactly zero table gradient."""
+    grid = make_grid(features)
+    spec, bufs = grid.spec, grid._buffers_dict()
+    weights = torch.zeros(spec.levels)
+    weights[:3] = torch.tensor([1.0, 1.0, 0.5])
+    mask = weights.repeat_interleave(spec.features).to(DEVICE)
+    x = points(90)
+    gout = torch.linspace(-1.0, 1.0, x.shape[0] * spec.out_dim, device=DEVICE).view(x.shape[0], -1)
+    results = []
+    for fn in (lambda p: ht.encode_triton(p, grid.table, spec, bufs, level_mask=mask),
+               lambda p: encode_torch(p, grid.table, spec, bufs) * mask):
+        xr = x.clone().requires_grad_(True)
+        y = fn(xr)
+        gx, gt = torch.autograd.grad(y, (xr, grid.table), gout, create_graph=True)
+        eik = torch.autograd.grad(((gx.norm(dim=-1) - 1.0) ** 2).mean(), (xr, grid.table))
+        results.append((y.detach(), gx.detach(), gt.detach(), *eik))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(want.abs().max().item(), 1.0))
+    off = int(spec.offsets()[3])
+    assert results[0][2][off:].abs().max() == 0 and results[0][2][:off].abs().max() > 0
+    assert results[0][0][:, 3 * spec.features:].abs().max() == 0
+
 def test_hashgrid_module_backend_and_bf16_output():
     grid = make_grid(8)
     x = points(100)

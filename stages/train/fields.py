@@ -103,7 +103,7 @@ class SDFNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
-        enc = self.grid((x / self.bound + 1.0) * 0.5) * self.level_mask
+        enc = self.grid((x / self.bound + 1.0) * 0.5, self.level_mask)
         h = torch.cat([x, enc], -1)
         for lin in self.layers[:-1]:
             h = F.softplus(lin(h), beta=100.0)

@@ -203,10 +203,14 @@ class HashGrid(nn.Module):
     def _buffers_dict(self) -> dict:
         return {name: buf for name, buf in self.named_buffers(recurse=False)}
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        if self.backend == "tcnn" and x01.is_cuda:
-            return self._tcnn(x01, self.table)
+    def forward(self, x01: torch.Tensor, level_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (N, L * F) of points in [0, 1]^3, times ``level_mask`` (L * F, constant within a
+        level: coarse-to-fine) if given. The triton kernels skip the levels whose mask is 0."""
         if self.backend == "triton":  # CUDA tensors only (CPU under TRITON_INTERPRET=1)
             from stages.train.hashgrid_triton import encode_triton
-            return encode_triton(x01, self.table, self.spec, self._buffers_dict())
-        return encode_torch(x01, self.table, self.spec, self._buffers_dict())
+            return encode_triton(x01, self.table, self.spec, self._buffers_dict(), level_mask=level_mask)
+        if self.backend == "tcnn" and x01.is_cuda:
+            enc = self._tcnn(x01, self.table)
+        else:
+            enc = encode_torch(x01, self.table, self.spec, self._buffers_dict())
+        return enc if level_mask is None else enc * level_mask

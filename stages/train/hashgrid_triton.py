@@ -3,11 +3,14 @@
 One program per (block of points, level): load x, compute the 8 corner rows (dense index
 ``x + y*R + z*R*R`` wrapped by ``- size``, or the uint32 spatial hash ``& (size - 1)``, done
 in int32 with wrapping multiplies: the low bits equal the uint32 ones), gather ``F``
-contiguous features per corner in 16-byte chunks (so loads and atomics vectorise, without layout
-shuffles) and interpolate trilinearly (corner order x fastest, weights ``(wz * wy) * wx`` as in
-the torch twin; FMA contraction off, so cells and weights equal eager torch's). Backward: ``tl.atomic_add`` into an fp32 table
-gradient and, when x needs it, the positional gradient (atomics over levels into ``[N, 3]``);
-the double backward (eikonal through analytic gradients) uses a third, directional kernel.
+contiguous features per corner in 16-byte chunks (so loads vectorise, without layout shuffles)
+and interpolate trilinearly (corner order x fastest, weights ``(wz * wy) * wx`` as in the torch
+twin; FMA contraction off, so cells and weights equal eager torch's). Backward:
+``tl.atomic_add`` into an fp32 table gradient (scalar atomics: PTX vector reductions, 4x fewer
+instructions, measured the same speed, so the backward is bound by memory, not by atomic issue;
+benchmarks/RESULTS.md, fifth session) and, when x needs it, the positional gradient (atomics over
+levels into ``[N, 3]``); the double backward (eikonal through analytic gradients) uses a third,
+directional kernel. Levels that coarse-to-fine masks off (``level_mask``) read and write nothing.
 The ops are ``torch.library`` custom ops, so ``torch.compile`` treats them as black boxes.
 On CPU tensors the kernels only run under ``TRITON_INTERPRET=1`` (tests).
 """
@@ -28,6 +31,7 @@ P2 = tl.constexpr(805459861)
 TUNING = {"fwd": (128, 4), "bwd": (128, 4), "dir": (64, 4)}
 LEVEL_FAST = True  # program order: all levels of a block of points together (else level by level)
 INT32_LIMIT = 2 ** 31  # offsets at or beyond this use int64 arithmetic
+LEVEL_SKIP = True  # levels masked off by coarse-to-fine move no memory; False: multiply afterwards
 
 
 def interpreting() -> bool:
@@ -57,7 +61,7 @@ def _program(N, L: tl.constexpr, BLOCK: tl.constexpr, LEVEL_FAST: tl.constexpr, 
 @triton.jit
 def _cmask(nmask, cols, F: tl.constexpr, FP: tl.constexpr):
     """Mask of a feature chunk (columns ``cols``): the [BLOCK, 1] row mask when F is a power of two
-    (keeps loads and atomics vectorised), else also the columns below F."""
+    (keeps loads vectorised), else also the columns below F."""
     if F == FP:
         m = nmask
     else:
@@ -73,6 +77,18 @@ def _level(scales_ptr, meta_ptr, lvl):
     off = tl.load(meta_ptr + lvl * 4 + 2)
     hashed = tl.load(meta_ptr + lvl * 4 + 3)
     return scale, res, size, off, hashed
+
+
+@triton.jit
+def _gate(lmask_ptr, lvl, nmask, F: tl.constexpr, MASKED: tl.constexpr):
+    """The level's weight m (coarse-to-fine: ``level_mask[lvl * F]``, 1 without a mask) and the
+    point mask, off for a level with m == 0 so it moves no memory (its outputs are zeros)."""
+    if MASKED:
+        m = tl.load(lmask_ptr + lvl * F)
+        nmask = tl.where(m != 0.0, nmask, False)
+    else:
+        m = 1.0
+    return m, nmask
 
 
 @triton.jit
@@ -115,11 +131,12 @@ def _wsel(c: tl.constexpr, bit: tl.constexpr, f):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, table_ptr, out_ptr, scales_ptr, meta_ptr, N,
+def _fwd_kernel(x_ptr, table_ptr, out_ptr, scales_ptr, meta_ptr, lmask_ptr, N,
                 F: tl.constexpr, FP: tl.constexpr, FC: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
-                I64: tl.constexpr, LEVEL_FAST: tl.constexpr):
-    lvl, offs_n, nmask = _program(N, L, BLOCK, LEVEL_FAST, I64)
+                I64: tl.constexpr, LEVEL_FAST: tl.constexpr, MASKED: tl.constexpr):
+    lvl, offs_n, rmask = _program(N, L, BLOCK, LEVEL_FAST, I64)
     scale, res, size, off, hashed = _level(scales_ptr, meta_ptr, lvl)
+    m, nmask = _gate(lmask_ptr, lvl, rmask, F, MASKED)
     gx, fx = _axis(x_ptr, offs_n, nmask, 0, scale, res)
     gy, fy = _axis(x_ptr, offs_n, nmask, 1, scale, res)
     gz, fz = _axis(x_ptr, offs_n, nmask, 2, scale, res)
@@ -134,17 +151,20 @@ def _fwd_kernel(x_ptr, table_ptr, out_ptr, scales_ptr, meta_ptr, N,
             wz, sz = _wsel(c, 2, fz)
             acc += ((wz * wy) * wx) * tl.load(table_ptr + e + cols, mask=cmask, other=0.0)
         optr = out_ptr + offs_n * (L * F) + lvl * F + h * FC + cols
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=cmask, eviction_policy="evict_first")
+        tl.store(optr, (acc * m).to(out_ptr.dtype.element_ty), mask=_cmask(rmask, cols + h * FC, F, FP),
+                 eviction_policy="evict_first")
 
 
 @triton.jit
-def _bwd_kernel(gout_ptr, x_ptr, table_ptr, gtable_ptr, gx_ptr, scales_ptr, meta_ptr, N,
+def _bwd_kernel(gout_ptr, x_ptr, table_ptr, gtable_ptr, gx_ptr, scales_ptr, meta_ptr, lmask_ptr, N,
                 F: tl.constexpr, FP: tl.constexpr, FC: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
-                I64: tl.constexpr, LEVEL_FAST: tl.constexpr,
+                I64: tl.constexpr, LEVEL_FAST: tl.constexpr, MASKED: tl.constexpr,
                 NEED_TABLE: tl.constexpr, NEED_X: tl.constexpr):
-    """dL/dtable += g * w_c (atomics); dL/dx += scale * sum_c dw_c/dfrac (g . T_c) (atomics)."""
+    """dL/dtable += g * w_c (atomics); dL/dx += scale * sum_c dw_c/dfrac (g . T_c) (atomics);
+    g is the output gradient times the level's weight m."""
     lvl, offs_n, nmask = _program(N, L, BLOCK, LEVEL_FAST, I64)
     scale, res, size, off, hashed = _level(scales_ptr, meta_ptr, lvl)
+    m, nmask = _gate(lmask_ptr, lvl, nmask, F, MASKED)
     gx, fx = _axis(x_ptr, offs_n, nmask, 0, scale, res)
     gy, fy = _axis(x_ptr, offs_n, nmask, 1, scale, res)
     gz, fz = _axis(x_ptr, offs_n, nmask, 2, scale, res)
@@ -155,7 +175,7 @@ def _bwd_kernel(gout_ptr, x_ptr, table_ptr, gtable_ptr, gx_ptr, scales_ptr, meta
     for h in tl.static_range(FP // FC):
         cmask = _cmask(nmask, cols + h * FC, F, FP)
         g = tl.load(gout_ptr + offs_n * (L * F) + lvl * F + h * FC + cols, mask=cmask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)  # read once: keep L2 for the table
+                    eviction_policy="evict_first").to(tl.float32) * m  # read once: keep L2 for the table
         for c in tl.static_range(8):
             ptrs = _corner(c, gx, gy, gz, res, size, off, hashed, F, I64) + h * FC + cols
             wx, sx = _wsel(c, 0, fx)
@@ -175,14 +195,16 @@ def _bwd_kernel(gout_ptr, x_ptr, table_ptr, gtable_ptr, gx_ptr, scales_ptr, meta
 
 
 @triton.jit
-def _dir_kernel(v_ptr, gout_ptr, x_ptr, table_ptr, ydot_ptr, gtable_ptr, gx_ptr, scales_ptr, meta_ptr, N,
+def _dir_kernel(v_ptr, gout_ptr, x_ptr, table_ptr, ydot_ptr, gtable_ptr, gx_ptr, scales_ptr, meta_ptr, lmask_ptr, N,
                 F: tl.constexpr, FP: tl.constexpr, FC: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
-                I64: tl.constexpr, LEVEL_FAST: tl.constexpr,
+                I64: tl.constexpr, LEVEL_FAST: tl.constexpr, MASKED: tl.constexpr,
                 NEED_Y: tl.constexpr, NEED_TABLE: tl.constexpr, NEED_X: tl.constexpr):
     """Double backward of dL/dx along v [N, 3]: d(v . dx)/d(gout) = J v (the directional derivative
-    of the output, ``ydot``), d/d(table) (atomics of g * u_c) and d/dx (mixed second derivatives)."""
-    lvl, offs_n, nmask = _program(N, L, BLOCK, LEVEL_FAST, I64)
+    of the output, ``ydot``), d/d(table) (atomics of g * u_c) and d/dx (mixed second derivatives);
+    all scaled by the level's weight m."""
+    lvl, offs_n, rmask = _program(N, L, BLOCK, LEVEL_FAST, I64)
     scale, res, size, off, hashed = _level(scales_ptr, meta_ptr, lvl)
+    m, nmask = _gate(lmask_ptr, lvl, rmask, F, MASKED)
     gx, fx = _axis(x_ptr, offs_n, nmask, 0, scale, res)
     gy, fy = _axis(x_ptr, offs_n, nmask, 1, scale, res)
     gz, fz = _axis(x_ptr, offs_n, nmask, 2, scale, res)
@@ -197,7 +219,7 @@ def _dir_kernel(v_ptr, gout_ptr, x_ptr, table_ptr, ydot_ptr, gtable_ptr, gx_ptr,
         cmask = _cmask(nmask, cols + h * FC, F, FP)
         rows = offs_n * (L * F) + lvl * F + h * FC + cols
         if NEED_TABLE or NEED_X:
-            g = tl.load(gout_ptr + rows, mask=cmask, other=0.0).to(tl.float32)
+            g = tl.load(gout_ptr + rows, mask=cmask, other=0.0).to(tl.float32) * m
         acc = tl.zeros([BLOCK, FC], tl.float32)
         for c in tl.static_range(8):
             ptrs = _corner(c, gx, gy, gz, res, size, off, hashed, F, I64) + h * FC + cols
@@ -217,7 +239,7 @@ def _dir_kernel(v_ptr, gout_ptr, x_ptr, table_ptr, ydot_ptr, gtable_ptr, gx_ptr,
                     hy += (sx * sy * wz * vx + sy * sz * wx * vz) * q
                     hz += (sx * sz * wy * vx + sy * sz * wx * vy) * q
         if NEED_Y:
-            tl.store(ydot_ptr + rows, acc, mask=cmask)
+            tl.store(ydot_ptr + rows, acc * m, mask=_cmask(rmask, cols + h * FC, F, FP))
     if NEED_X:
         tl.atomic_add(gx_ptr + offs_n * 3 + 0, hx, mask=nmask, sem="relaxed")
         tl.atomic_add(gx_ptr + offs_n * 3 + 1, hy, mask=nmask, sem="relaxed")
@@ -257,46 +279,53 @@ def _launch(kernel, which: str, n: int, levels: int, features: int, entries: int
         LEVEL_FAST=LEVEL_FAST, num_warps=warps, enable_fp_fusion=False, **flags)
 
 
+def _gate_arg(lmask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The level mask as the kernels read it (fp32, contiguous); any tensor when there is none."""
+    return lmask.float().contiguous() if lmask.numel() else x
+
+
 def _dims(x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor):
     return x.shape[0], scales.shape[0], table.shape[1], table.shape[0]
 
 
 @torch.library.custom_op("meshpipe::hashgrid_fwd", mutates_args=())
 def hashgrid_fwd(x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, meta: torch.Tensor,
-                 out_bf16: bool) -> torch.Tensor:
+                 lmask: torch.Tensor, out_bf16: bool) -> torch.Tensor:
     n, lv, f, e = _dims(x, table, scales)
     out = torch.empty(n, lv * f, device=x.device, dtype=torch.bfloat16 if out_bf16 else torch.float32)
     if n:
-        _launch(_fwd_kernel, "fwd", n, lv, f, e, x, table, out, scales, meta)
+        _launch(_fwd_kernel, "fwd", n, lv, f, e, x, table, out, scales, meta, _gate_arg(lmask, x),
+                MASKED=lmask.numel() > 0)
     return out
 
 
 @hashgrid_fwd.register_fake
-def _(x, table, scales, meta, out_bf16):
+def _(x, table, scales, meta, lmask, out_bf16):
     return x.new_empty(x.shape[0], scales.shape[0] * table.shape[1],
                        dtype=torch.bfloat16 if out_bf16 else torch.float32)
 
 
 @torch.library.custom_op("meshpipe::hashgrid_bwd", mutates_args=())
-def hashgrid_bwd(gout: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
-                 meta: torch.Tensor, need_table: bool, need_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def hashgrid_bwd(gout: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, meta: torch.Tensor,
+                 lmask: torch.Tensor, need_table: bool, need_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n, lv, f, e = _dims(x, table, scales)
     gtable = torch.zeros_like(table) if need_table else table.new_empty(0)
     gx = torch.zeros_like(x) if need_x else x.new_empty(0)
     if n and (need_table or need_x):
         _launch(_bwd_kernel, "bwd", n, lv, f, e, gout, x, table, gtable if need_table else table,
-                gx if need_x else x, scales, meta, NEED_TABLE=need_table, NEED_X=need_x)
+                gx if need_x else x, scales, meta, _gate_arg(lmask, x), MASKED=lmask.numel() > 0,
+                NEED_TABLE=need_table, NEED_X=need_x)
     return gtable, gx
 
 
 @hashgrid_bwd.register_fake
-def _(gout, x, table, scales, meta, need_table, need_x):
+def _(gout, x, table, scales, meta, lmask, need_table, need_x):
     return (table.new_empty(table.shape if need_table else (0,)), x.new_empty(x.shape if need_x else (0,)))
 
 
 @torch.library.custom_op("meshpipe::hashgrid_dir", mutates_args=())
 def hashgrid_dir(v: torch.Tensor, gout: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
-                 meta: torch.Tensor, need_y: bool, need_table: bool,
+                 meta: torch.Tensor, lmask: torch.Tensor, need_y: bool, need_table: bool,
                  need_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, lv, f, e = _dims(x, table, scales)
     ydot = x.new_empty(n, lv * f) if need_y else x.new_empty(0)
@@ -304,13 +333,13 @@ def hashgrid_dir(v: torch.Tensor, gout: torch.Tensor, x: torch.Tensor, table: to
     gx = torch.zeros_like(x) if need_x else x.new_empty(0)
     if n and (need_y or need_table or need_x):
         _launch(_dir_kernel, "dir", n, lv, f, e, v, gout, x, table, ydot if need_y else x,
-                gtable if need_table else table, gx if need_x else x, scales, meta,
-                NEED_Y=need_y, NEED_TABLE=need_table, NEED_X=need_x)
+                gtable if need_table else table, gx if need_x else x, scales, meta, _gate_arg(lmask, x),
+                MASKED=lmask.numel() > 0, NEED_Y=need_y, NEED_TABLE=need_table, NEED_X=need_x)
     return ydot, gtable, gx
 
 
 @hashgrid_dir.register_fake
-def _(v, gout, x, table, scales, meta, need_y, need_table, need_x):
+def _(v, gout, x, table, scales, meta, lmask, need_y, need_table, need_x):
     n, lv, f, _ = _dims(x, table, scales)
     return (x.new_empty((n, lv * f) if need_y else (0,)), table.new_empty(table.shape if need_table else (0,)),
             x.new_empty(x.shape if need_x else (0,)))
@@ -319,20 +348,20 @@ def _(v, gout, x, table, scales, meta, need_y, need_table, need_x):
 # ----------------------------------------------------------------------------- autograd
 
 def _fwd_setup(ctx, inputs, output):
-    x, table, scales, meta, _ = inputs
-    ctx.save_for_backward(x, table, scales, meta)
+    x, table, scales, meta, lmask, _ = inputs
+    ctx.save_for_backward(x, table, scales, meta, lmask)
 
 
 def _fwd_backward(ctx, gout):
-    x, table, scales, meta = ctx.saved_tensors
+    x, table, scales, meta, lmask = ctx.saved_tensors
     need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gtable, gx = hashgrid_bwd(gout.contiguous(), x, table, scales, meta, need_table, need_x)
-    return (gx if need_x else None), (gtable if need_table else None), None, None, None
+    gtable, gx = hashgrid_bwd(gout.contiguous(), x, table, scales, meta, lmask, need_table, need_x)
+    return (gx if need_x else None), (gtable if need_table else None), None, None, None, None
 
 
 def _bwd_setup(ctx, inputs, output):
-    gout, x, table, scales, meta, need_table, need_x = inputs
-    ctx.save_for_backward(gout, x, table, scales, meta)
+    gout, x, table, scales, meta, lmask, need_table, need_x = inputs
+    ctx.save_for_backward(gout, x, table, scales, meta, lmask)
     ctx.made = (need_table, need_x)
     ctx.set_materialize_grads(False)
 
@@ -340,17 +369,17 @@ def _bwd_setup(ctx, inputs, output):
 def _bwd_backward(ctx, g_table, g_x):
     """Grads of (gtable, gx) w.r.t. (gout, x, table): gtable is linear in gout (its adjoint is the
     forward with ``g_table`` as the table); gx goes through the directional kernel."""
-    gout, x, table, scales, meta = ctx.saved_tensors
+    gout, x, table, scales, meta, lmask = ctx.saved_tensors
     want_g, want_x, want_t = ctx.needs_input_grad[:3]
     d_g = d_x = d_t = None
     if g_table is not None and ctx.made[0]:
         g_table = g_table.contiguous()
         if want_g:
-            d_g = hashgrid_fwd(x, g_table, scales, meta, False)
+            d_g = hashgrid_fwd(x, g_table, scales, meta, lmask, False)
         if want_x:
-            d_x = hashgrid_bwd(gout, x, g_table, scales, meta, False, True)[1]
+            d_x = hashgrid_bwd(gout, x, g_table, scales, meta, lmask, False, True)[1]
     if g_x is not None and ctx.made[1] and (want_g or want_x or want_t):
-        y, t, h = hashgrid_dir(g_x.contiguous(), gout, x, table, scales, meta, want_g, want_t, want_x)
+        y, t, h = hashgrid_dir(g_x.contiguous(), gout, x, table, scales, meta, lmask, want_g, want_t, want_x)
         if want_g:
             d_g = y if d_g is None else d_g + y
         if want_x:
@@ -359,7 +388,7 @@ def _bwd_backward(ctx, g_table, g_x):
             d_t = t
     if d_g is not None:
         d_g = d_g.to(gout.dtype)
-    return d_g, d_x, d_t, None, None, None, None
+    return d_g, d_x, d_t, None, None, None, None, None
 
 
 hashgrid_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -367,8 +396,9 @@ hashgrid_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
 
 
 def encode_triton(x01: torch.Tensor, table: torch.Tensor, spec, buffers: dict | None = None,
-                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Triton twin of ``encode_torch``: points in [0, 1]^3 (N, 3) -> features (N, L * F)."""
+                  out_dtype: torch.dtype = torch.float32, level_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of ``encode_torch``: points in [0, 1]^3 (N, 3) -> features (N, L * F), times
+    ``level_mask`` (L * F, constant within each level) if given; levels whose mask is 0 read nothing."""
     if not (x01.is_cuda or interpreting()):
         raise StageError(f"grid backend triton runs on CUDA tensors, got a {x01.device.type} tensor; "
                          "use grid_backend=torch on CPU")
@@ -378,4 +408,7 @@ def encode_triton(x01: torch.Tensor, table: torch.Tensor, spec, buffers: dict | 
         raise StageError(f"triton hash grid outputs float32 or bfloat16, not {out_dtype}")
     x = x01.float().clamp(0.0, 1.0).contiguous()
     scales, meta = level_tables(spec, buffers, x.device)
-    return hashgrid_fwd(x, table.float().contiguous(), scales, meta, out_dtype == torch.bfloat16)
+    skip = level_mask is not None and LEVEL_SKIP
+    lmask = level_mask.detach() if skip else x.new_empty(0)
+    out = hashgrid_fwd(x, table.float().contiguous(), scales, meta, lmask, out_dtype == torch.bfloat16)
+    return out if skip or level_mask is None else out * level_mask
