@@ -72,6 +72,16 @@ def run_all(args) -> list[dict]:
     return sorted(results, key=lambda r: r["iterations"])
 
 
+def phases(result: dict) -> dict:
+    """Seconds to the first logged step (compile, warm-up, CUDA-graph capture) and ms per step
+    after it, from the run's timeline ([step, seconds] at each logged step)."""
+    line = result.get("timeline") or []
+    if len(line) < 2:
+        return {}
+    (s0, t0), (s1, t1) = line[0], line[-1]
+    return {"first_log_step": s0, "seconds_to_first_log": t0, "ms_per_step_after": 1000 * (t1 - t0) / max(s1 - s0, 1)}
+
+
 def summarise(results: list[dict], target: float) -> dict:
     rows = []
     for r in results:
@@ -79,7 +89,7 @@ def summarise(results: list[dict], target: float) -> dict:
             rows.append({"iterations": r["iterations"], "failed": True, "log": r["log"]})
             continue
         q = r["quality"]["raw"]
-        rows.append({"iterations": r["iterations"], "train_seconds": r["train_seconds"],
+        rows.append({"iterations": r["iterations"], "train_seconds": r["train_seconds"], **phases(r),
                      "steps_per_second": r["iterations"] / max(r["train_seconds"], 1e-9),
                      "samples_per_second": r["samples_per_second"], "peak_gpu_memory_gb": r["peak_gpu_memory_gb"],
                      "chamfer_pct": q["chamfer_pct"], "fscore": q["fscore"], "gpu": r["gpu"],
@@ -92,14 +102,17 @@ def summarise(results: list[dict], target: float) -> dict:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n| steps | train s | steps/s | samples/s | peak GB | Chamfer-L1 % | F@0.5% | backend | device |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| steps | train s | s to first log | ms/step after | steps/s | samples/s | peak GB | Chamfer-L1 % | "
+          "F@0.5% | backend | device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in summary["rows"]:
         if row.get("failed"):
-            print(f"| {row['iterations']} | failed (see {row['log']}) | | | | | | | |")
+            print(f"| {row['iterations']} | failed (see {row['log']}) | | | | | | | | | |")
             continue
         mem = "-" if row["peak_gpu_memory_gb"] is None else f"{row['peak_gpu_memory_gb']:.2f}"
-        print(f"| {row['iterations']} | {row['train_seconds']:.0f} | {row['steps_per_second']:.1f} | "
+        first = f"{row['seconds_to_first_log']:.1f} (step {row['first_log_step']})" if "first_log_step" in row else "-"
+        after = f"{row['ms_per_step_after']:.2f}" if "ms_per_step_after" in row else "-"
+        print(f"| {row['iterations']} | {row['train_seconds']:.0f} | {first} | {after} | {row['steps_per_second']:.1f} | "
               f"{row['samples_per_second']:.3g} | {mem} | {row['chamfer_pct']:.3f} | {row['fscore']:.3f} | "
               f"{row['backend']} | {row['gpu'] or 'cpu'} |")
     t = summary["time_to_target_seconds"]

@@ -120,6 +120,8 @@ class TrainConfig:
         "auto", "hash grid backend (auto on CUDA: tcnn when it imports, else triton, else torch; torch on CPU); checkpoints load in any")
     compile: Literal["auto", "on", "off"] = opt(
         "auto", "torch.compile rendering + losses as one graph and the networks (auto: on CUDA only)")
+    cuda_graphs: bool = opt(True, "on CUDA, replay that compiled step as CUDA graphs (1.4x faster steps; "
+                            "benchmarks/RESULTS.md)")
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast of the colour/background MLPs on CUDA (the SDF stays fp32); auto = bf16 on CUDA")
     # coarse-to-fine and numerical gradients
     c2f_init_levels: int = opt(4, "hash levels active at the start")

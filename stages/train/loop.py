@@ -37,6 +37,7 @@ class Progress:
     nonfinite: int = 0
     elapsed: float = 0.0
     history: list = field(default_factory=list)
+    timeline: list = field(default_factory=list)  # [step, training seconds so far] at each history entry
 
 
 @dataclass
@@ -143,7 +144,27 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
     return Run(cfg, device, model, opt, scaler, sampler, OccupancyGrid(cfg.occ_resolution, device), opts,
                t(scene.points, torch.float32), t(scene.view_offsets, torch.long), t(scene.view_indices, torch.long),
                object_mode, backend, compiled, comm=comm,
-               loss_fn=torch.compile(render_losses, dynamic=False) if compiled and COMPILE_STEP else None)
+               loss_fn=torch.compile(render_losses, dynamic=False, mode=step_mode(cfg, device))
+               if compiled and COMPILE_STEP else None)
+
+
+def step_mode(cfg, device: torch.device) -> str | None:
+    """``torch.compile`` mode of the whole step: "reduce-overhead" (CUDA graphs) on CUDA unless
+    ``cuda_graphs`` is off. A step launches ~290 kernels and was host-bound
+    (benchmarks/step_profile.py); a graph replays them in one call. The step's scalar inputs then
+    live on the device (``step_scalars``) and its outputs are copied before the next replay
+    overwrites them (``launch_step``)."""
+    return "reduce-overhead" if cfg.cuda_graphs and device.type == "cuda" else None
+
+
+def step_scalars(device: torch.device, values: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Per-step scalars (schedule values, loss weights) as 0-d tensors: inputs of the compiled
+    step, not constants baked into it. On CPU plain tensors; on CUDA one copy from pinned memory
+    that does not wait for the GPU (a pageable copy would), split into views."""
+    if device.type != "cuda":
+        return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
+    packed = torch.tensor(list(values.values()), dtype=torch.float32).pin_memory()
+    return dict(zip(values, packed.to(device, non_blocking=True).unbind()))
 
 
 def sfm_points_of(run: Run, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -163,15 +184,13 @@ def apply_schedules(run: Run, step: int) -> dict[str, float]:
     cfg, spec = run.cfg, run.model.sdf.grid.spec
     active = schedule.active_levels(step, cfg, spec)
     run.model.sdf.set_active_levels(active)
-    run.opts.eps = torch.tensor(schedule.epsilon(step, cfg, spec))  # 0-d CPU tensors: inputs of a
-    run.opts.cos_anneal = torch.tensor(schedule.cos_anneal(step, cfg))  # compiled step, not constants
     factor = schedule.lr_factor(step, cfg) * run.progress.lr_scale
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     return {"rgb": cfg.rgb_weight, "eikonal": cfg.eikonal_weight,
             "curvature": schedule.curvature_weight(step, cfg, spec) if cfg.gradient_mode != "analytic" else 0.0,
             "mask": cfg.mask_weight if run.object_mode else 0.0, "sfm": schedule.sfm_weight(step, cfg),
-            "active_levels": active}
+            "active_levels": active, "eps": schedule.epsilon(step, cfg, spec), "cos_anneal": schedule.cos_anneal(step, cfg)}
 
 
 def loss_terms(run: Run) -> tuple[str, ...]:
@@ -217,8 +236,11 @@ def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
         target = torch.where(batch.mask[:, None], batch.rgb, bg)
     names = loss_terms(run)
     sfm = sfm_points_of(run, batch.views) if "sfm" in names else None
-    live = {k: torch.tensor(float(weights[k])) for k in names}
+    live = step_scalars(run.device, {k: float(weights[k]) for k in (*names, "eps", "cos_anneal")})
+    run.opts.eps, run.opts.cos_anneal = live.pop("eps"), live.pop("cos_anneal")
     mask = batch.mask if run.object_mode else None
+    if run.loss_fn is not None and step_mode(cfg, run.device):
+        torch.compiler.cudagraph_mark_step_begin()
     # the occupancy grid is all occupied until its first update (occ_warmup_steps): uniform samples
     return (run.loss_fn or render_losses)(run.model, batch.origins, batch.dirs, target, mask, bg,
                                           *(sfm if sfm is not None else (None, None)), run.occ, run.opts, live)
@@ -258,10 +280,12 @@ def update_occupancy(run: Run, step: int) -> None:
 
 @dataclass
 class Launched:
-    """A step whose GPU work is queued: its metrics as device tensors, read by :func:`resolve`."""
+    """A step whose GPU work is queued: its metrics (``names``) as one device tensor, read by
+    :func:`resolve`. A copy: a CUDA-graph replay overwrites the step's own outputs."""
 
     step: int
-    terms: dict
+    names: tuple
+    values: torch.Tensor
     extra: dict
     stepped: bool = True  # False: a rank saw a non-finite loss and no rank stepped (DDP)
 
@@ -277,16 +301,17 @@ def launch_step(run: Run, step: int, hook: Callable | None = None) -> Launched:
     if hook is not None:
         loss = hook(step, loss)
     terms["loss"] = loss.detach()
+    values = torch.stack([v.float().reshape(()) for v in terms.values()])
     finite = True if run.comm is None else math.isfinite(float(terms["loss"]))
     stepped = optimise(run, loss, finite)
-    extra = {"active_levels": weights["active_levels"], "eps": float(run.opts.eps),
+    extra = {"active_levels": weights["active_levels"], "eps": weights["eps"],
              "lr": run.optimizer.param_groups[-1]["lr"]}
-    return Launched(step, terms, extra, stepped)
+    return Launched(step, tuple(terms), values, extra, stepped)
 
 
 def resolve(launched: Launched) -> dict | None:
     """Float metrics of a launched step (waits for its GPU work), or None if its loss was not finite."""
-    metrics = {k: float(v) for k, v in launched.terms.items()}
+    metrics = dict(zip(launched.names, launched.values.tolist()))
     if not launched.stepped or not math.isfinite(metrics["loss"]):
         return None
     return {**metrics, **launched.extra}
@@ -370,6 +395,7 @@ def _record(run: Run, step: int, metrics: dict, writer) -> None:
     if run.comm is not None:
         metrics = run.comm.mean_metrics(metrics)
     run.progress.history.append({"step": step, **{k: metrics[k] for k in sorted(metrics)}})
+    run.progress.timeline.append([step, round(run.progress.elapsed, 3)])
     if writer is not None:
         for key, value in metrics.items():
             writer.add_scalar(f"train/{key}", value, step)

@@ -135,4 +135,4 @@ def summarise(run: loop.Run, progress: loop.Progress, holdout: dict, held, scene
             "compiled": run.compiled, "device": str(device), "mode": "object" if run.object_mode else "scene",
             "nonfinite_recoveries": progress.nonfinite, "lr_scale": progress.lr_scale,
             "train_views": len(run.sampler.view_ids), "holdout_views": [scene.names[v] for v in held],
-            "history": hist, **holdout}
+            "history": hist, "timeline": progress.timeline, **holdout}
