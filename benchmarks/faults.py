@@ -53,7 +53,7 @@ STAGE_DIR = re.compile(rf"^({'|'.join(STAGES)})-[0-9a-f]{{{store.KEY_LEN}}}$")  
 # masks): they differ between runs whose results are the same, so comparisons drop them.
 RUN_KEYS = {"seconds", "wall_seconds", "eval_seconds", "elapsed", "samples_per_second", "seconds_per_frame",
             "stage_seconds", "finished", "time", "timings", "blocks_evaluated", "blocks_resumed",
-            "samples_evaluated", "reused", "computed"}
+            "samples_evaluated", "reused", "computed", "timeline"}
 UNCOMPARED = ("report.html",)  # embeds the date and stage times; its numbers come from metrics.json
 
 

@@ -32,7 +32,7 @@ for part in $PARTS; do
       kill $SMI; log "$OUT/mesh.log" 16; tail -n 4 /tmp/mesh_smi.log ;;
     profile)
       timeout ${PROFILE_TIMEOUT:-200} python benchmarks/step_profile.py --workdir $WORK --warmup 600 --steps 150 \
-          ${VARIANTS:---variant now: --variant no_cuda_graphs:cuda_graphs=false --variant no_level_skip:skip=0} \
+          ${VARIANTS:---variant now:cuda_graphs=on --variant no_cuda_graphs:cuda_graphs=off --variant no_level_skip:skip=0} \
           --out "$OUT/step_profile.json" \
           > "$OUT/profile.log" 2>&1; echo "profile rc=$?"; log "$OUT/profile.log" 50 ;;
     tests)

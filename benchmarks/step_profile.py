@@ -7,7 +7,7 @@ follow the surface), times ``--steps`` more, then profiles ``--profile`` steps w
 the numerical-gradient tap layout (``layout=tap``: tap-major instead of point-major), by
 waiting for every step's metrics before launching the next (``sync=1``; the loop reads them
 one step late), by compiling only the networks (``step=0``; by default rendering and losses
-are compiled whole; ``cuda_graphs=false`` runs that graph without CUDA graphs), by the
+are compiled whole; ``cuda_graphs=on|off`` with or without CUDA graphs), by the
 multi-kernel AdamW (``fused=0``) or, with the triton grid, by computing the levels that
 coarse-to-fine masks off (``skip=0``). Each variant runs in its own
 process (the first variant of a process ran faster than the later ones). Besides ms/step it

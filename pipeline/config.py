@@ -86,7 +86,7 @@ class SfmPointsConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Neural SDF training (stages/train). Defaults are the quality preset for one GPU."""
-    iterations: int = opt(4000, "optimisation steps (4000 met the spot targets in ~57 s on one H100: benchmarks/RESULTS.md)")
+    iterations: int = opt(4000, "optimisation steps (4000 met the spot targets in 57-80 s on one H100: benchmarks/RESULTS.md)")
     seed: int = opt(0, "random seed (torch, numpy, python)")
     mode: Literal["auto", "object", "scene"] = opt(
         "auto", "object: masks, background colour, mask loss; scene: no masks, background field; auto: object when masks exist")
@@ -120,8 +120,9 @@ class TrainConfig:
         "auto", "hash grid backend (auto on CUDA: tcnn when it imports, else triton, else torch; torch on CPU); checkpoints load in any")
     compile: Literal["auto", "on", "off"] = opt(
         "auto", "torch.compile rendering + losses as one graph and the networks (auto: on CUDA only)")
-    cuda_graphs: bool = opt(True, "on CUDA, replay that compiled step as CUDA graphs (1.4x faster steps; "
-                            "benchmarks/RESULTS.md)")
+    cuda_graphs: Literal["auto", "on", "off"] = opt(
+        "auto", "replay that compiled step as CUDA graphs on CUDA (steps 14% faster on spot, but ~10 s more "
+        "compile: benchmarks/RESULTS.md); auto: on for runs of 10000 steps or more")
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast of the colour/background MLPs on CUDA (the SDF stays fp32); auto = bf16 on CUDA")
     # coarse-to-fine and numerical gradients
     c2f_init_levels: int = opt(4, "hash levels active at the start")
@@ -273,6 +274,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value

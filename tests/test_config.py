@@ -64,13 +64,18 @@ def test_set_type_errors(item, message):
         load_config("default", [item])
 
 
-def test_set_values_are_typed():
+def test_set_values_are_typed(tmp_path):
     cfg = load_config("default", ["frames.target_count=12", "sfm_points.max_error_px=3",
                                   "masks.method=grabcut", "sfm.refine_principal_point=false"])
     assert cfg.frames.target_count == 12
     assert cfg.sfm_points.max_error_px == 3.0 and isinstance(cfg.sfm_points.max_error_px, float)
     assert cfg.masks.method == "grabcut" and cfg.sfm.refine_principal_point is False
     assert parse_set(["masks.model=u2net"]) == {"masks": {"model": "u2net"}}
+    # YAML 1.1 reads on/off as booleans: choices spelled on/off still take them
+    cfg = load_config("default", ["train.compile=off", "train.cuda_graphs=on"])
+    assert cfg.train.compile == "off" and cfg.train.cuda_graphs == "on"
+    (tmp_path / "p.yaml").write_text("base: default\ntrain:\n  compile: off\n")
+    assert load_preset(str(tmp_path / "p.yaml")).train.compile == "off"
 
 
 def test_config_is_frozen():

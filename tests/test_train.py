@@ -156,10 +156,12 @@ def test_compiled_step_equals_the_eager_step(scene, tmp_path, monkeypatch, caplo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, monkeypatch):
+@pytest.mark.parametrize("train_mode", ["object", "scene"])
+def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, monkeypatch, train_mode):
     """On CUDA the compiled step replays as CUDA graphs: the same loss curve as without them
     (eager random numbers; atomics leave float noise), no graph skipped, and a non-finite loss is
-    still undone by the checkpoint reload (parameters copied in place, optimiser state replaced)."""
+    still undone by the checkpoint reload (parameters copied in place, optimiser state replaced);
+    in scene mode too (background field)."""
     import torch._dynamo
     import torch._inductor.config
     from torch._dynamo.utils import counters
@@ -167,17 +169,17 @@ def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     inputs, _ = scene
     cuda = Context(scene="test", device="cuda", progress=False, log=logging.getLogger("test_train"))
-    base = {**TINY, "compile": "on", "holdout_eval_views": 0}
+    base = {**TINY, "compile": "on", "holdout_eval_views": 0, "mode": train_mode}
     curves = {}
-    for graphs in (False, True):
+    for graphs in ("off", "on"):
         torch._dynamo.reset()
         counters.clear()
-        run_stage(inputs, TrainConfig(**base, cuda_graphs=graphs), tmp_path / str(graphs), cuda)
-        info = json.loads((tmp_path / str(graphs) / "train.json").read_text())
+        run_stage(inputs, TrainConfig(**base, cuda_graphs=graphs), tmp_path / graphs, cuda)
+        info = json.loads((tmp_path / graphs / "train.json").read_text())
         assert info["compiled"] and info["nonfinite_recoveries"] == 0
         curves[graphs] = [h["loss"] for h in info["history"]]
     assert counters["inductor"]["cudagraph_skips"] == 0
-    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-3)
+    np.testing.assert_allclose(curves["on"], curves["off"], rtol=1e-3)
 
     fired = []
 
@@ -186,7 +188,7 @@ def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, 
             fired.append(step)
             return loss * float("nan")
         return loss
-    run_stage(inputs, TrainConfig(**base), tmp_path / "nan", cuda, hook=nan_once_at_5)
+    run_stage(inputs, TrainConfig(**base, cuda_graphs="on"), tmp_path / "nan", cuda, hook=nan_once_at_5)
     info = json.loads((tmp_path / "nan" / "train.json").read_text())
     assert info["nonfinite_recoveries"] == 1 and info["iterations"] == 12
     assert np.isfinite([h["loss"] for h in info["history"]]).all()

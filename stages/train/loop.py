@@ -148,13 +148,17 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
                if compiled and COMPILE_STEP else None)
 
 
+GRAPH_MIN_STEPS = 10000  # cuda_graphs=auto: capture pays off from ~5500 steps on spot (RESULTS.md)
+
+
 def step_mode(cfg, device: torch.device) -> str | None:
-    """``torch.compile`` mode of the whole step: "reduce-overhead" (CUDA graphs) on CUDA unless
-    ``cuda_graphs`` is off. A step launches ~290 kernels and was host-bound
-    (benchmarks/step_profile.py); a graph replays them in one call. The step's scalar inputs then
-    live on the device (``step_scalars``) and its outputs are copied before the next replay
-    overwrites them (``launch_step``)."""
-    return "reduce-overhead" if cfg.cuda_graphs and device.type == "cuda" else None
+    """``torch.compile`` mode of the whole step: "reduce-overhead" (CUDA graphs) on CUDA when
+    ``cuda_graphs`` says so. A step launches ~290 kernels and is host-bound
+    (benchmarks/step_profile.py); a graph replays them in one call, but capturing costs ~10 s
+    once. The step's scalar inputs then live on the device (``step_scalars``) and its outputs are
+    copied before the next replay overwrites them (``launch_step``)."""
+    on = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cfg.iterations >= GRAPH_MIN_STEPS)
+    return "reduce-overhead" if on and device.type == "cuda" else None
 
 
 def step_scalars(device: torch.device, values: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -184,13 +188,16 @@ def apply_schedules(run: Run, step: int) -> dict[str, float]:
     cfg, spec = run.cfg, run.model.sdf.grid.spec
     active = schedule.active_levels(step, cfg, spec)
     run.model.sdf.set_active_levels(active)
+    eps, cos_anneal = schedule.epsilon(step, cfg, spec), schedule.cos_anneal(step, cfg)
+    # for rendering outside a step (held-out views after a resume); a step passes its own (step_scalars)
+    run.opts.eps, run.opts.cos_anneal = torch.tensor(eps), torch.tensor(cos_anneal)
     factor = schedule.lr_factor(step, cfg) * run.progress.lr_scale
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     return {"rgb": cfg.rgb_weight, "eikonal": cfg.eikonal_weight,
             "curvature": schedule.curvature_weight(step, cfg, spec) if cfg.gradient_mode != "analytic" else 0.0,
             "mask": cfg.mask_weight if run.object_mode else 0.0, "sfm": schedule.sfm_weight(step, cfg),
-            "active_levels": active, "eps": schedule.epsilon(step, cfg, spec), "cos_anneal": schedule.cos_anneal(step, cfg)}
+            "active_levels": active, "eps": eps, "cos_anneal": cos_anneal}
 
 
 def loss_terms(run: Run) -> tuple[str, ...]:
