@@ -4,8 +4,9 @@ With several ranks (``Run.comm``, see ``stages.train.ddp``) each draws its share
 gradients are averaged, rank 0 computes the occupancy grid and writes the checkpoints.
 
 Speed (benchmarks/step_profile.py): on CUDA rendering + losses are one ``torch.compile`` graph
-(``render_losses``; a step used to be host-bound, 570 small kernels), and ``train`` reads each
-step's metrics only after launching the next, so the host never waits for the GPU."""
+(``render_losses``; a step used to be host-bound, 570 small kernels), replayed as CUDA graphs in
+long runs (``step_mode``), and ``train`` reads each step's metrics only after launching the
+next, so the host never waits for the GPU."""
 from __future__ import annotations
 
 import dataclasses
