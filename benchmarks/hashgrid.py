@@ -12,6 +12,7 @@ curvature, backward) per backend, in samples/s. Prints a markdown table last; JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -85,7 +86,8 @@ class TinySdf(torch.nn.Module):
         return out[:, 0], out[:, 1:]
 
 
-def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str) -> dict:
+def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str,
+                  profile: bool = False) -> dict:
     model = TinySdf(spec, 256, GRID_BACKEND[backend]).to(device)
     field = torch.compile(model, dynamic=False) if backend.endswith("compiled") else model
 
@@ -98,19 +100,23 @@ def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, ta
     def step():
         model.zero_grad(set_to_none=True)
         loss_of(x).backward()
-    torch.backends.cuda.matmul.allow_tf32 = backend.endswith("_tf32")
-    try:
+    with tf32(backend.endswith("_tf32")):
         sec, peak = timed(step, device, repeats)
         row = {"case": f"sdf step {taps}", "backend": backend, "features": spec.features, "n": n,
                "per_second": n / sec, "ms": 1000 * sec, "peak_gib": peak}
-        if PROFILE and device.type == "cuda":
+        if profile and device.type == "cuda":
             row["busy_ms"], row["top_kernels"] = profile_kernels(step, device, repeats)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
     return row
 
 
-PROFILE = False  # --profile: the SDF step's GPU busy time and top kernels per backend
+@contextlib.contextmanager
+def tf32(on: bool):
+    """TF32 matmuls on CUDA inside the block (off again after it)."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def profile_kernels(step, device, repeats: int, rows: int = 8) -> tuple[float, list]:
@@ -150,10 +156,8 @@ def precision_case(spec: GridSpec, backend: str, n: int, device, repeats: int, t
         net.float()
         rows = []
         for name in ("fp32", "tf32", "bf16"):
-            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-            with torch.autocast(device.type, torch.bfloat16, enabled=name == "bf16"):
+            with tf32(name == "tf32"), torch.autocast(device.type, torch.bfloat16, enabled=name == "bf16"):
                 grad = sdf_and_gradients(net, x, 1e-3, taps)[2].double()
-            torch.backends.cuda.matmul.allow_tf32 = False
             cos = torch.nn.functional.cosine_similarity(grad, ref, dim=-1).clamp(-1, 1)
             angle = torch.rad2deg(torch.arccos(cos))
             norm_err = (grad.norm(dim=-1) - ref.norm(dim=-1)).abs()
@@ -206,8 +210,6 @@ def main(argv=None) -> int:
     if args.tiny:
         args.n, args.sdf_n, args.levels, args.log2_table, args.max_res, args.base_res, args.repeats = \
             4096, 2048, 8, 14, 256, 16, 2
-    global PROFILE
-    PROFILE = args.profile
     device = torch.device(args.device)
     backends = [b for b in args.backends.split(",") if available(b, device)]
     rows = []
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
         for backend in backends:
             rows.append(run_case(grid_case, spec, backend, args.n, device, args.repeats))
             for taps in args.taps:
-                rows.append(run_case(sdf_step_case, spec, backend, args.sdf_n, device, args.repeats, taps))
+                rows.append(run_case(sdf_step_case, spec, backend, args.sdf_n, device, args.repeats, taps,
+                                     args.profile))
             print(json.dumps(rows[-1 - len(args.taps)]), file=sys.stderr)
         if args.precision:
             got = run_case(precision_case, spec, "fp32", min(args.sdf_n, 65536), device, args.repeats, args.taps[0])

@@ -202,11 +202,9 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="default")
-    ap.add_argument("--views", type=int, default=60)
-    ap.add_argument("--width", type=int, default=640)
-    ap.add_argument("--height", type=int, default=480)
+    from train_quality import scene_parser
+
+    ap = scene_parser(__doc__, "default", 60, 640, 480)
     ap.add_argument("--iterations", type=int, default=2000)
     ap.add_argument("--set", action="append", default=[], help="train overrides, e.g. --set train.batch_rays=16384")
     ap.add_argument("--mc-res", type=int, default=512)

@@ -22,7 +22,6 @@ Prints a markdown table last; JSON to --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -147,11 +146,9 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="default")
-    ap.add_argument("--views", type=int, default=100)
-    ap.add_argument("--width", type=int, default=800)
-    ap.add_argument("--height", type=int, default=600)
+    from train_quality import scene_parser
+
+    ap = scene_parser(__doc__, "default", 100, 800, 600)
     ap.add_argument("--warmup", type=int, default=700, help="untimed steps first (compile, occupancy warm-up)")
     ap.add_argument("--steps", type=int, default=200, help="timed steps")
     ap.add_argument("--profile", type=int, default=10, help="profiled steps")

@@ -119,12 +119,18 @@ def score(model_dir: Path, gt_points, diag: float, res: int, device: str, tau: f
     return out
 
 
+def scene_parser(doc: str, preset: str, views: int, width: int, height: int) -> argparse.ArgumentParser:
+    """The options every spot benchmark shares: preset and the rendered views' count and size."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=preset)
+    ap.add_argument("--views", type=int, default=views)
+    ap.add_argument("--width", type=int, default=width)
+    ap.add_argument("--height", type=int, default=height)
+    return ap
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="fast_cpu")
-    ap.add_argument("--views", type=int, default=24)
-    ap.add_argument("--width", type=int, default=160)
-    ap.add_argument("--height", type=int, default=120)
+    ap = scene_parser(__doc__, "fast_cpu", 24, 160, 120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scene", choices=["spot", "analytic"], default="spot")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/train_quality"))

@@ -14,7 +14,6 @@ Prints a markdown table last; JSON to --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -102,7 +101,7 @@ def summarise(results: list[dict], target: float) -> dict:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n| steps | train s | s to first log | ms/step after | steps/s | samples/s | peak GB | Chamfer-L1 % | "
+    print("\n| steps | train s | s to first log | ms/step after | steps/s | samples/s | peak GB | Chamfer-L1 % | "
           "F@0.5% | backend | device |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in summary["rows"]:
@@ -121,11 +120,9 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="default")
-    ap.add_argument("--views", type=int, default=100)
-    ap.add_argument("--width", type=int, default=800)
-    ap.add_argument("--height", type=int, default=600)
+    from train_quality import scene_parser
+
+    ap = scene_parser(__doc__, "default", 100, 800, 600)
     ap.add_argument("--iterations", default="1000,2000,3000,4000", help="schedule lengths, comma-separated")
     ap.add_argument("--target", type=float, default=0.3, help="Chamfer-L1 target in % of the GT diagonal")
     ap.add_argument("--mc-res", type=int, default=512)

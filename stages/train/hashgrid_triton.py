@@ -270,18 +270,17 @@ def level_tables(spec, buffers: dict | None, device) -> tuple[torch.Tensor, torc
     return _TABLES[key]
 
 
-def _launch(kernel, which: str, n: int, levels: int, features: int, entries: int, *args, **flags) -> None:
+def _launch(kernel, which: str, n: int, levels: int, features: int, entries: int, *args,
+            lmask: torch.Tensor, **flags) -> None:
+    """Launch a kernel over ``args`` plus the level mask (``lmask``, empty: none; the kernel then
+    gets any pointer in its place and MASKED off)."""
     block, warps = TUNING[which]
     fp = triton.next_power_of_2(features)
     big = max(n * levels * features, entries * features, n * 3) >= INT32_LIMIT
+    masked = lmask.numel() > 0
     kernel[(triton.cdiv(n, block) * levels,)](
-        *args, n, F=features, FP=fp, FC=min(fp, 4), L=levels, BLOCK=block, I64=big,
-        LEVEL_FAST=LEVEL_FAST, num_warps=warps, enable_fp_fusion=False, **flags)
-
-
-def _gate_arg(lmask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The level mask as the kernels read it (fp32, contiguous); any tensor when there is none."""
-    return lmask.float().contiguous() if lmask.numel() else x
+        *args, lmask.float().contiguous() if masked else args[0], n, F=features, FP=fp, FC=min(fp, 4), L=levels,
+        BLOCK=block, I64=big, LEVEL_FAST=LEVEL_FAST, MASKED=masked, num_warps=warps, enable_fp_fusion=False, **flags)
 
 
 def _dims(x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor):
@@ -294,8 +293,7 @@ def hashgrid_fwd(x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, met
     n, lv, f, e = _dims(x, table, scales)
     out = torch.empty(n, lv * f, device=x.device, dtype=torch.bfloat16 if out_bf16 else torch.float32)
     if n:
-        _launch(_fwd_kernel, "fwd", n, lv, f, e, x, table, out, scales, meta, _gate_arg(lmask, x),
-                MASKED=lmask.numel() > 0)
+        _launch(_fwd_kernel, "fwd", n, lv, f, e, x, table, out, scales, meta, lmask=lmask)
     return out
 
 
@@ -313,8 +311,7 @@ def hashgrid_bwd(gout: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scale
     gx = torch.zeros_like(x) if need_x else x.new_empty(0)
     if n and (need_table or need_x):
         _launch(_bwd_kernel, "bwd", n, lv, f, e, gout, x, table, gtable if need_table else table,
-                gx if need_x else x, scales, meta, _gate_arg(lmask, x), MASKED=lmask.numel() > 0,
-                NEED_TABLE=need_table, NEED_X=need_x)
+                gx if need_x else x, scales, meta, lmask=lmask, NEED_TABLE=need_table, NEED_X=need_x)
     return gtable, gx
 
 
@@ -333,8 +330,8 @@ def hashgrid_dir(v: torch.Tensor, gout: torch.Tensor, x: torch.Tensor, table: to
     gx = torch.zeros_like(x) if need_x else x.new_empty(0)
     if n and (need_y or need_table or need_x):
         _launch(_dir_kernel, "dir", n, lv, f, e, v, gout, x, table, ydot if need_y else x,
-                gtable if need_table else table, gx if need_x else x, scales, meta, _gate_arg(lmask, x),
-                MASKED=lmask.numel() > 0, NEED_Y=need_y, NEED_TABLE=need_table, NEED_X=need_x)
+                gtable if need_table else table, gx if need_x else x, scales, meta, lmask=lmask,
+                NEED_Y=need_y, NEED_TABLE=need_table, NEED_X=need_x)
     return ydot, gtable, gx
 
 

@@ -190,7 +190,8 @@ def apply_schedules(run: Run, step: int) -> dict[str, float]:
     active = schedule.active_levels(step, cfg, spec)
     run.model.sdf.set_active_levels(active)
     eps, cos_anneal = schedule.epsilon(step, cfg, spec), schedule.cos_anneal(step, cfg)
-    # for rendering outside a step (held-out views after a resume); a step passes its own (step_scalars)
+    # for rendering outside a step (held-out views after a resume); a step passes its own (step_scalars).
+    # fp32 tensors, as a step's: model.pt stores float(eps), equal whether or not a step came after
     run.opts.eps, run.opts.cos_anneal = torch.tensor(eps), torch.tensor(cos_anneal)
     factor = schedule.lr_factor(step, cfg) * run.progress.lr_scale
     for group in run.optimizer.param_groups:
@@ -216,8 +217,9 @@ def loss_terms(run: Run) -> tuple[str, ...]:
 def render_losses(model, o, d, target, mask, bg, sfm_points, sfm_valid, grid, opts: RenderOptions,
                   weights: dict) -> tuple[torch.Tensor, dict]:
     """Render the batch and weigh the loss terms: the part of a step that ``torch.compile``
-    takes whole (``Run.loss_fn``). ``weights`` holds the terms in the total, as 0-d CPU tensors,
-    so a changing schedule value is an input and not a recompile."""
+    takes whole (``Run.loss_fn``). ``weights`` holds the terms in the total, and ``opts`` epsilon
+    and cos annealing, as 0-d tensors (``step_scalars``), so a changing schedule value is an input
+    and not a recompile."""
     out = render_rays(model, o, d, grid, opts, bg, extra_points=sfm_points)
     terms = {"rgb": losses.rgb_l1(out["rgb"], target),
              "eikonal": losses.eikonal(out["grad"], out["valid"]),
