@@ -74,21 +74,27 @@ def grid_case(spec: GridSpec, backend: str, n: int, device, repeats: int) -> dic
 
 
 class TinySdf(torch.nn.Module):
-    def __init__(self, spec: GridSpec, hidden: int, backend: str):
+    """SDFNetwork's shape; ``split``: the feature only at ``feature_rows``, as SDFNetwork does."""
+
+    def __init__(self, spec: GridSpec, hidden: int, backend: str, split: bool = True):
         super().__init__()
+        self.split = split
         self.grid = HashGrid(spec, backend)
         self.l1 = torch.nn.Linear(3 + spec.out_dim, hidden)
         self.l2 = torch.nn.Linear(hidden, 1 + 64)
 
-    def forward(self, x):
+    def forward(self, x, feature_rows=None):
         h = torch.nn.functional.softplus(self.l1(torch.cat([x, self.grid((x + 1) * 0.5)], -1)), beta=100)
-        out = self.l2(h)
-        return out[:, 0], out[:, 1:]
+        if feature_rows is None or not self.split:
+            out = self.l2(h)
+            return out[:, 0], out[:, 1:][feature_rows or slice(None)]
+        w, b = self.l2.weight, self.l2.bias
+        return torch.nn.functional.linear(h, w[:1], b[:1])[:, 0], torch.nn.functional.linear(h[feature_rows], w[1:], b[1:])
 
 
 def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str,
-                  profile: bool = False) -> dict:
-    model = TinySdf(spec, 256, GRID_BACKEND[backend]).to(device)
+                  profile: bool = False, all_features: bool = False) -> dict:
+    model = TinySdf(spec, 256, GRID_BACKEND[backend], split=not all_features).to(device)
     field = torch.compile(model, dynamic=False) if backend.endswith("compiled") else model
 
     def sdf_loss(x):
@@ -102,7 +108,7 @@ def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, ta
         loss_of(x).backward()
     with tf32(backend.endswith("_tf32")):
         sec, peak = timed(step, device, repeats)
-        row = {"case": f"sdf step {taps}", "backend": backend, "features": spec.features, "n": n,
+        row = {"case": f"sdf step {taps}" + (" all features" if all_features else ""), "backend": backend, "features": spec.features, "n": n,
                "per_second": n / sec, "ms": 1000 * sec, "peak_gib": peak}
         if profile and device.type == "cuda":
             row["busy_ms"], row["top_kernels"] = profile_kernels(step, device, repeats)
@@ -205,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", action="store_true",
                     help="numerical-gradient error of the SDF MLP in fp32 / TF32 / bf16 against fp64")
     ap.add_argument("--profile", action="store_true", help="SDF step: GPU busy time and top kernels (CUDA)")
+    ap.add_argument("--all-features", action="store_true",
+                    help="SDF step: every tap's feature computed too, then dropped (as before the sixth session)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.tiny:
@@ -219,7 +227,7 @@ def main(argv=None) -> int:
             rows.append(run_case(grid_case, spec, backend, args.n, device, args.repeats))
             for taps in args.taps:
                 rows.append(run_case(sdf_step_case, spec, backend, args.sdf_n, device, args.repeats, taps,
-                                     args.profile))
+                                     args.profile, args.all_features))
             print(json.dumps(rows[-1 - len(args.taps)]), file=sys.stderr)
         if args.precision:
             got = run_case(precision_case, spec, "fp32", min(args.sdf_n, 65536), device, args.repeats, args.taps[0])

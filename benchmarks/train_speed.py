@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
     ap = scene_parser(__doc__, "default", 100, 800, 600)
     ap.add_argument("--iterations", default="1000,2000,3000,4000", help="schedule lengths, comma-separated")
-    ap.add_argument("--target", type=float, default=0.3, help="Chamfer-L1 target in % of the GT diagonal")
+    ap.add_argument("--target", type=float, default=0.3, help="Chamfer-L1 target in %% of the GT diagonal")
     ap.add_argument("--mc-res", type=int, default=512)
     ap.add_argument("--gpus", default="", help="GPU ids to spread the runs over (empty: one run at a time)")
     ap.add_argument("--device", default=None)

@@ -70,15 +70,15 @@ def test_hashgrid_interpolates_a_linear_field_exactly_on_dense_levels():
 
 
 def sphere_field(r=0.5, scale=1.0):
-    return lambda x: (scale * (x.norm(dim=-1) - r), x.new_zeros(len(x), 1))
+    return lambda x, feature_rows=slice(None): (scale * (x.norm(dim=-1) - r), x[feature_rows, :1] * 0)
 
 
 def box_field(b=(0.4, 0.3, 0.2)):
     b = torch.tensor(b, dtype=torch.float64)
 
-    def f(x):
+    def f(x, feature_rows=slice(None)):
         q = x.abs() - b
-        return q.clamp_min(0).norm(dim=-1) + q.max(-1).values.clamp_max(0), x.new_zeros(len(x), 1)
+        return q.clamp_min(0).norm(dim=-1) + q.max(-1).values.clamp_max(0), x[feature_rows, :1] * 0
     return f
 
 
@@ -125,6 +125,33 @@ def test_tap_layouts_give_the_same_values_and_gradients(mode, monkeypatch):
     assert results[0][3].abs().max() > 1.0 and results[0][4].abs().max() > 0  # Laplacian and grid grads live
     for a, b in zip(*results):  # same values; gradients up to the order of their fp32 sums (1/eps^2 terms)
         torch.testing.assert_close(a, b, rtol=0, atol=3e-4 * float(b.abs().max()))
+
+
+def test_feature_rows_give_the_full_networks_values_and_gradients():
+    """SDFNetwork computes the feature only at ``feature_rows``: the SDF of every row, the feature
+    of those rows and every parameter's gradient equal the full network's (weight norm on)."""
+    from stages.train.fields import SDFNetwork
+
+    cfg = TrainConfig(grid_levels=4, grid_features=2, grid_log2_table=10, grid_base_res=4, grid_max_res=32,
+                      sdf_hidden=32, feature_dim=8, weight_norm=True)
+    torch.manual_seed(4)
+    net = SDFNetwork(cfg)
+    with torch.no_grad():
+        net.grid.table.normal_(0.0, 0.1)
+        net.layers[0].weight.normal_(0.0, 0.3)
+    x = torch.rand(250, 3) * 1.4 - 0.7
+    w_sdf, w_feat = torch.randn(250), torch.randn(50, 8)
+    results = []
+    for rows in (slice(0, None, 5), None):
+        net.zero_grad(set_to_none=True)
+        sdf, feat = net(x, feature_rows=rows)
+        feat = feat if rows is not None else feat[0::5]
+        assert feat.shape == (50, 8) and sdf.shape == (250,)
+        ((sdf * w_sdf).sum() + (feat * w_feat).sum()).backward()
+        results.append([sdf.detach(), feat.detach()] + [p.grad.clone() for p in net.parameters()])
+    assert all(g.abs().max() > 0 for g in results[0][2:])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["tetra4", "central6"])

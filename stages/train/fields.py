@@ -61,13 +61,21 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
 
+    def split(self, x: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output 0 for every row of ``x``, outputs 1: only for ``x[rows]``. The SDF's last layer
+        at finite-difference taps: their SDF is needed, their feature never is."""
+        w, b = self.effective_weight(), self.bias
+        return F.linear(x, w[:1], b[:1])[:, 0], F.linear(x[rows], w[1:], b[1:])
+
 
 def grid_spec(cfg) -> GridSpec:
     return GridSpec(cfg.grid_levels, cfg.grid_features, cfg.grid_log2_table, cfg.grid_base_res, cfg.grid_max_res)
 
 
 class SDFNetwork(nn.Module):
-    """x (M, 3) unit coordinates -> SDF (M,) fp32 and feature (M, feature_dim)."""
+    """x (M, 3) unit coordinates -> SDF (M,) fp32 and feature (M, feature_dim), or the feature
+    only at ``x[feature_rows]`` (the last layer's feature columns are most of the MLP's work, and
+    numerical gradients need only the SDF at their taps)."""
 
     def __init__(self, cfg, backend: str = "torch"):
         super().__init__()
@@ -101,12 +109,14 @@ class SDFNetwork(nn.Module):
         mask[: active * f] = 1.0
         self.level_mask.copy_(mask)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, feature_rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
         enc = self.grid((x / self.bound + 1.0) * 0.5, self.level_mask)
         h = torch.cat([x, enc], -1)
         for lin in self.layers[:-1]:
             h = F.softplus(lin(h), beta=100.0)
+        if feature_rows is not None:
+            return self.layers[-1].split(h, feature_rows)
         out = self.layers[-1](h)
         return out[:, 0], out[:, 1:]
 

@@ -8,7 +8,9 @@ through the field in one batched call, each point next to its taps (``INTERLEAVE
 share grid cells with their point at the coarse levels, so the hash-grid kernels hit the cache
 (2-3x faster on random points in benchmarks/hashgrid_triton_check.py) instead of walking the
 batch once per tap. In training, where samples along a ray already share cells, the two
-layouts measured the same (benchmarks/RESULTS.md, fourth session).
+layouts measured the same (benchmarks/RESULTS.md, fourth session). The field computes the
+feature only at the centres (``feature_rows``): a tap's feature is never used, and with a
+feature of 64-256 channels it is most of the MLP's multiply-adds.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import torch
 TETRA = ((1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0), (1.0, 1.0, 1.0))
 CENTRAL = ((1.0, 0.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, -1.0))
 
-# field(x [M, 3]) -> (sdf [M], feature [M, D])
-Field = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# field(x [M, 3], feature_rows=None) -> (sdf [M], feature [M, D]); with a slice ``feature_rows``
+# the feature only at x[feature_rows] (the centres: no tap's feature is ever used)
+Field = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 INTERLEAVE = True  # point-major tap layout (x, x + e_1, ..., x + e_k, next x, ...); False: tap-major
 
@@ -64,12 +67,9 @@ def sdf_and_gradients(field: Field, x: torch.Tensor, eps: float | torch.Tensor, 
         pts = (x[:, None] + eps * offsets[None]).reshape(-1, 3)
     else:
         pts = (x[None] + eps * offsets[:, None]).reshape(-1, 3)
-    sdf_all, feat_all = field(pts)
+    sdf_all, feat = field(pts, feature_rows=slice(0, None, k1) if INTERLEAVE else slice(0, n))
     if sdf_all.dtype not in (torch.float32, torch.float64):
         sdf_all = sdf_all.float()
-    if INTERLEAVE:
-        sdf_all, feat = sdf_all.view(n, k1).T, feat_all.view(n, k1, -1)[:, 0]
-    else:
-        sdf_all, feat = sdf_all.view(k1, n), feat_all[:n]
+    sdf_all = sdf_all.view(n, k1).T if INTERLEAVE else sdf_all.view(k1, n)
     grad, lap = _combine(mode, sdf_all[0], sdf_all[1:], eps)
     return sdf_all[0], feat, grad, lap if need_laplacian else torch.zeros_like(lap)
