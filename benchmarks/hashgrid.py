@@ -5,8 +5,7 @@
 
 Backends: torch eager, torch compiled (``torch.compile``), triton (stages/train/hashgrid_triton.py;
 CUDA) alone and under ``torch.compile`` (the MLP compiled around the custom op), tcnn (only if
-tinycudann imports); ``compiled_step`` / ``triton_step`` compile the whole SDF step, as training does;
-``triton_mlp_step`` / ``triton_mlp_graphs`` add the fused SDF MLP (stages/train/mlp_triton.py).
+tinycudann imports); ``compiled_step`` / ``triton_step`` compile the whole SDF step, as training does.
 Also a full SDF step (x + numerical-gradient taps through grid and 1x256 MLP, eikonal +
 curvature, backward) per backend, in samples/s. Prints a markdown table last; JSON to --out.
 """
@@ -51,14 +50,11 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 GRID_BACKEND = {"eager": "torch", "compiled": "torch", "triton": "triton", "triton_compiled": "triton",
-                "compiled_step": "torch", "triton_step": "triton", "triton_step_tf32": "triton",
-                "triton_mlp_step": "triton", "triton_mlp_graphs": "triton", "tcnn": "tcnn"}
+                "compiled_step": "torch", "triton_step": "triton", "triton_step_tf32": "triton", "tcnn": "tcnn"}
 # SDF step only: the whole step (taps, field, losses; forward and backward) is one torch.compile
 # graph, as in training (stages/train/loop.py); for the grid case these equal their *_compiled twin.
 # triton_step_tf32: the same with TF32 matmuls (see --precision for what that does to gradients).
-# triton_mlp_*: the SDF MLP in the fused 3xTF32 kernels (stages/train/mlp_triton.py); *_graphs:
-# the step replayed as CUDA graphs (torch.compile mode="reduce-overhead", as long training runs do).
-WHOLE_STEP = ("compiled_step", "triton_step", "triton_step_tf32", "triton_mlp_step", "triton_mlp_graphs")
+WHOLE_STEP = ("compiled_step", "triton_step", "triton_step_tf32")
 
 
 def grid_case(spec: GridSpec, backend: str, n: int, device, repeats: int) -> dict:
@@ -80,21 +76,15 @@ def grid_case(spec: GridSpec, backend: str, n: int, device, repeats: int) -> dic
 class TinySdf(torch.nn.Module):
     """SDFNetwork's shape; ``split``: the feature only at ``feature_rows``, as SDFNetwork does."""
 
-    def __init__(self, spec: GridSpec, hidden: int, backend: str, split: bool = True, fused: bool = False):
+    def __init__(self, spec: GridSpec, hidden: int, backend: str, split: bool = True):
         super().__init__()
-        self.split, self.fused = split, fused
+        self.split = split
         self.grid = HashGrid(spec, backend)
         self.l1 = torch.nn.Linear(3 + spec.out_dim, hidden)
         self.l2 = torch.nn.Linear(hidden, 1 + 64)
 
     def forward(self, x, feature_rows=None):
-        h = torch.cat([x, self.grid((x + 1) * 0.5)], -1)
-        if self.fused and feature_rows is not None:
-            from stages.train.mlp_triton import sdf_head
-            w, b = self.l2.weight, self.l2.bias
-            sdf, hidden = sdf_head(h, self.l1.weight, self.l1.bias, w[0], feature_rows)
-            return sdf + b[0], torch.nn.functional.linear(hidden, w[1:], b[1:])
-        h = torch.nn.functional.softplus(self.l1(h), beta=100)
+        h = torch.nn.functional.softplus(self.l1(torch.cat([x, self.grid((x + 1) * 0.5)], -1)), beta=100)
         if feature_rows is None or not self.split:
             out = self.l2(h)
             return out[:, 0], out[:, 1:][feature_rows or slice(None)]
@@ -104,21 +94,17 @@ class TinySdf(torch.nn.Module):
 
 def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str,
                   profile: bool = False, all_features: bool = False) -> dict:
-    model = TinySdf(spec, 256, GRID_BACKEND[backend], split=not all_features, fused="_mlp_" in backend).to(device)
+    model = TinySdf(spec, 256, GRID_BACKEND[backend], split=not all_features).to(device)
     field = torch.compile(model, dynamic=False) if backend.endswith("compiled") else model
 
     def sdf_loss(x):
         sdf, feat, grad, lap = sdf_and_gradients(field, x, 1e-3, taps)
         return sdf.abs().mean() + 0.1 * ((grad.norm(dim=-1) - 1) ** 2).mean() + 5e-4 * lap.abs().mean() + feat.mean()
-    graphs = backend.endswith("_graphs")
-    loss_of = torch.compile(sdf_loss, dynamic=False, mode="reduce-overhead" if graphs else None) \
-        if backend in WHOLE_STEP else sdf_loss
+    loss_of = torch.compile(sdf_loss, dynamic=False) if backend in WHOLE_STEP else sdf_loss
     x = torch.rand(n, 3, device=device) * 1.2 - 0.6
 
     def step():
         model.zero_grad(set_to_none=True)
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         loss_of(x).backward()
     with tf32(backend.endswith("_tf32")):
         sec, peak = timed(step, device, repeats)
@@ -157,8 +143,7 @@ def profile_kernels(step, device, repeats: int, rows: int = 8) -> tuple[float, l
 def precision_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str) -> list[dict]:
     """Does a low-precision SDF MLP hurt numerical gradients? The SDF network of training
     (geometric init, table uniform in +-0.01 as a stand-in for a trained one) evaluated in fp64
-    (reference), fp32, TF32 matmuls, bf16 autocast and (CUDA) the fused 3xTF32 kernels: gradient
-    angle and |grad| errors."""
+    (reference), fp32, TF32 matmuls and bf16 autocast: gradient angle and |grad| errors."""
     import dataclasses
 
     from pipeline.config import TrainConfig
@@ -176,8 +161,7 @@ def precision_case(spec: GridSpec, backend: str, n: int, device, repeats: int, t
         ref = sdf_and_gradients(net.double(), x.double(), 1e-3, taps)[2]
         net.float()
         rows = []
-        for name in ("fp32", "tf32", "bf16") + (("tf32x3 fused",) if device.type == "cuda" else ()):
-            net.fused_mlp = name == "tf32x3 fused"
+        for name in ("fp32", "tf32", "bf16"):
             with tf32(name == "tf32"), torch.autocast(device.type, torch.bfloat16, enabled=name == "bf16"):
                 grad = sdf_and_gradients(net, x, 1e-3, taps)[2].double()
             cos = torch.nn.functional.cosine_similarity(grad, ref, dim=-1).clamp(-1, 1)

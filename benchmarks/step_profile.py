@@ -9,7 +9,8 @@ waiting for every step's metrics before launching the next (``sync=1``; the loop
 one step late), by compiling only the networks (``step=0``; by default rendering and losses
 are compiled whole; ``cuda_graphs=on|off`` with or without CUDA graphs), by the
 multi-kernel AdamW (``fused=0``) or, with the triton grid, by computing the levels that
-coarse-to-fine masks off (``skip=0``). Each variant runs in its own
+coarse-to-fine masks off (``skip=0``), or by the SDF network computing the feature at every
+finite-difference tap, not only at the centres (``centres=0``). Each variant runs in its own
 process (the first variant of a process ran faster than the later ones). Besides ms/step it
 reports the GPU's busy time per step (sum of kernel times): the gap is host overhead.
 
@@ -44,7 +45,7 @@ def parse_variant(text: str) -> tuple[str, dict, list[str]]:
     special, sets = {}, []
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("layout", "sync", "step", "fused", "skip"):
+        if key in ("layout", "sync", "step", "fused", "skip", "centres"):
             special[key] = value
         else:
             sets.append(f"train.{key}={value}")
@@ -112,6 +113,7 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
     gradients.INTERLEAVE = special.get("layout", "point") == "point"
     loop.COMPILE_STEP = special.get("step", "1") == "1"
     loop.FUSED_ADAMW = special.get("fused", "1") == "1"
+    gradients.FEATURE_AT_CENTRES = special.get("centres", "1") == "1"
     if "skip" in special:  # triton grid: compute the levels coarse-to-fine masks off, then multiply
         from stages.train import hashgrid_triton
         hashgrid_triton.LEVEL_SKIP = special["skip"] == "1"

@@ -123,9 +123,6 @@ class TrainConfig:
     cuda_graphs: Literal["auto", "on", "off"] = opt(
         "auto", "replay that compiled step as CUDA graphs on CUDA (steps 14% faster on spot, but ~10 s more "
         "compile: benchmarks/RESULTS.md); auto: on for runs of 10000 steps or more")
-    sdf_mlp: Literal["auto", "torch", "triton"] = opt(
-        "auto", "SDF MLP with numerical gradients: triton = fused 3xTF32 kernels on CUDA (one hidden layer, "
-        "a power-of-two width of 16-512); auto: triton when the grid backend is triton and the network fits")
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast of the colour/background MLPs on CUDA (the SDF stays fp32); auto = bf16 on CUDA")
     # coarse-to-fine and numerical gradients
     c2f_init_levels: int = opt(4, "hash levels active at the start")

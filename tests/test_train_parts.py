@@ -102,8 +102,9 @@ def test_numerical_gradients_match_normals_of_sphere_and_box(mode):
 
 @pytest.mark.parametrize("mode", ["tetra4", "central6"])
 def test_tap_layouts_give_the_same_values_and_gradients(mode, monkeypatch):
-    """Point-major taps (the default, for cache locality) against tap-major ones, through a real
-    hash-grid SDF network: same SDF, feature, gradient, Laplacian and parameter gradients."""
+    """Point-major taps (the default, for cache locality) against tap-major ones, with the feature
+    computed at the centres only (the default) or at every tap, through a real hash-grid SDF
+    network: same SDF, feature, gradient, Laplacian and parameter gradients."""
     from stages.train import gradients
     from stages.train.fields import SDFNetwork
 
@@ -116,15 +117,17 @@ def test_tap_layouts_give_the_same_values_and_gradients(mode, monkeypatch):
         net.layers[0].weight.normal_(0.0, 0.3)  # (geometric init zeroes the grid's inputs)
     x = torch.rand(300, 3) * 1.4 - 0.7
     results = []
-    for interleave in (True, False):
+    for interleave, centres in ((True, True), (False, True), (True, False), (False, False)):
         monkeypatch.setattr(gradients, "INTERLEAVE", interleave)
+        monkeypatch.setattr(gradients, "FEATURE_AT_CENTRES", centres)
         net.zero_grad(set_to_none=True)
         out = sdf_and_gradients(net, x, 0.02, mode)
         (out[0].sum() + out[1].square().sum() + out[2].square().sum() + out[3].abs().sum()).backward()
         results.append([o.detach() for o in out] + [p.grad.clone() for p in net.parameters()])
     assert results[0][3].abs().max() > 1.0 and results[0][4].abs().max() > 0  # Laplacian and grid grads live
-    for a, b in zip(*results):  # same values; gradients up to the order of their fp32 sums (1/eps^2 terms)
-        torch.testing.assert_close(a, b, rtol=0, atol=3e-4 * float(b.abs().max()))
+    for other in results[1:]:  # same values; gradients up to the order of their fp32 sums (1/eps^2 terms)
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=3e-4 * float(b.abs().max()))
 
 
 def test_feature_rows_give_the_full_networks_values_and_gradients():

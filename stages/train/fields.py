@@ -85,7 +85,6 @@ class SDFNetwork(nn.Module):
         dims = [3 + enc_dim] + [cfg.sdf_hidden] * cfg.sdf_layers + [1 + cfg.feature_dim]
         self.layers = nn.ModuleList(Linear(a, b, cfg.weight_norm) for a, b in zip(dims[:-1], dims[1:]))
         self.register_buffer("level_mask", torch.ones(enc_dim))
-        self.fused_mlp = False  # stages/train/mlp_triton.py where feature_rows are given (set by training)
         self._geometric_init(cfg.init_radius)
 
     def _geometric_init(self, radius: float) -> None:
@@ -114,23 +113,12 @@ class SDFNetwork(nn.Module):
         x = x.float()
         enc = self.grid((x / self.bound + 1.0) * 0.5, self.level_mask)
         h = torch.cat([x, enc], -1)
-        if feature_rows is not None and self.fused_mlp:
-            return self._fused(h, feature_rows)
         for lin in self.layers[:-1]:
             h = F.softplus(lin(h), beta=100.0)
         if feature_rows is not None:
             return self.layers[-1].split(h, feature_rows)
         out = self.layers[-1](h)
         return out[:, 0], out[:, 1:]
-
-    def _fused(self, h: torch.Tensor, feature_rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """One hidden layer and the SDF column in the fused kernels; the feature columns in torch."""
-        from stages.train.mlp_triton import sdf_head
-
-        first, last = self.layers
-        w = last.effective_weight()
-        sdf, hidden = sdf_head(h, first.effective_weight(), first.bias, w[0], feature_rows)
-        return sdf + last.bias[0], F.linear(hidden, w[1:], last.bias[1:])
 
 
 class ColorNetwork(nn.Module):

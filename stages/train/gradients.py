@@ -26,6 +26,7 @@ CENTRAL = ((1.0, 0.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, -1.0, 0.0),
 Field = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 INTERLEAVE = True  # point-major tap layout (x, x + e_1, ..., x + e_k, next x, ...); False: tap-major
+FEATURE_AT_CENTRES = True  # False: the field computes every tap's feature, then drops it (benchmarks)
 
 
 def tap_offsets(mode: str, device=None) -> torch.Tensor:
@@ -67,7 +68,10 @@ def sdf_and_gradients(field: Field, x: torch.Tensor, eps: float | torch.Tensor, 
         pts = (x[:, None] + eps * offsets[None]).reshape(-1, 3)
     else:
         pts = (x[None] + eps * offsets[:, None]).reshape(-1, 3)
-    sdf_all, feat = field(pts, feature_rows=slice(0, None, k1) if INTERLEAVE else slice(0, n))
+    rows = slice(0, None, k1) if INTERLEAVE else slice(0, n)  # the centres
+    sdf_all, feat = field(pts, feature_rows=rows if FEATURE_AT_CENTRES else None)
+    if not FEATURE_AT_CENTRES:
+        feat = feat[rows]
     if sdf_all.dtype not in (torch.float32, torch.float64):
         sdf_all = sdf_all.float()
     sdf_all = sdf_all.view(n, k1).T if INTERLEAVE else sdf_all.view(k1, n)

@@ -87,28 +87,6 @@ def resolve_backend(cfg, device: torch.device) -> str:
     return "torch"
 
 
-def resolve_mlp(cfg, device: torch.device, backend: str) -> bool:
-    """Whether the SDF MLP runs in the fused triton kernels (stages/train/mlp_triton.py)."""
-    if cfg.sdf_mlp == "torch":
-        return False
-    fits = cfg.sdf_layers == 1 and cfg.gradient_mode != "analytic"
-    if cfg.sdf_mlp == "auto":
-        if not (fits and backend == "triton" and device.type == "cuda"):
-            return False
-        from stages.train.mlp_triton import supported
-        return supported(cfg.sdf_hidden, 3 + cfg.grid_levels * cfg.grid_features)
-    from stages.train.external import triton_available
-    if not triton_available():
-        raise StageError("train.sdf_mlp=triton but triton does not import; use sdf_mlp=torch or auto")
-    from stages.train.mlp_triton import interpreting, supported
-    if not (fits and supported(cfg.sdf_hidden, 3 + cfg.grid_levels * cfg.grid_features)):
-        raise StageError("train.sdf_mlp=triton takes one hidden layer (sdf_layers=1) of a power-of-two width "
-                         "16-512, numerical gradients and up to 253 grid features; use sdf_mlp=torch or auto")
-    if device.type != "cuda" and not interpreting():
-        raise StageError("train.sdf_mlp=triton runs on CUDA; use sdf_mlp=torch or auto")
-    return True
-
-
 COMPILE_STEP = True  # compile rendering + losses as one graph (else only the networks)
 FUSED_ADAMW = True  # on CUDA
 
@@ -151,7 +129,6 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
         raise StageError("train: no views left to train on (all held out or without masks)")
     backend = resolve_backend(cfg, device)
     model = NeuSModel(cfg, scene_mode=not object_mode, backend=backend).to(device)
-    model.sdf.fused_mlp = resolve_mlp(cfg, device, backend)
     groups = model.param_groups(cfg.lr, cfg.lr_grid_mult, cfg.lr_inv_s_mult)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                             fused=FUSED_ADAMW and device.type == "cuda")  # one kernel per group, not a dozen

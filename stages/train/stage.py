@@ -99,9 +99,8 @@ def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None, comm=None) -> di
     run = loop.setup(scene, train_views, cfg, device, log, comm)
     if comm is not None:
         comm.start(run.model, cfg.seed)  # rank 0's initial parameters everywhere, a ray seed per rank
-    log.info("train: %d views (%d held out), %s mode, backend %s, SDF MLP %s, device %s%s",
-             len(run.sampler.view_ids), len(held), "object" if run.object_mode else "scene", run.backend,
-             "triton" if run.model.sdf.fused_mlp else "torch", device,
+    log.info("train: %d views (%d held out), %s mode, backend %s, device %s%s", len(run.sampler.view_ids),
+             len(held), "object" if run.object_mode else "scene", run.backend, device,
              "" if comm is None else f", {comm.world} ranks")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -133,7 +132,6 @@ def summarise(run: loop.Run, progress: loop.Progress, holdout: dict, held, scene
     return {"iterations": progress.step, "wall_seconds": progress.elapsed, "final": final, "gpus": run.cfg.gpus,
             "train_psnr": final.get("psnr"), "peak_gpu_memory_gb": peak,
             "samples_per_second": samples / max(progress.elapsed, 1e-9), "backend": run.backend,
-            "sdf_mlp": "triton" if run.model.sdf.fused_mlp else "torch",
             "compiled": run.compiled, "device": str(device), "mode": "object" if run.object_mode else "scene",
             "nonfinite_recoveries": progress.nonfinite, "lr_scale": progress.lr_scale,
             "train_views": len(run.sampler.view_ids), "holdout_views": [scene.names[v] for v in held],
