@@ -156,12 +156,12 @@ def test_compiled_step_equals_the_eager_step(scene, tmp_path, monkeypatch, caplo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("train_mode", ["object", "scene"])
-def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, monkeypatch, train_mode):
+@pytest.mark.parametrize("train_mode,amp", [("object", "auto"), ("scene", "auto"), ("object", "fp16")])
+def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, monkeypatch, train_mode, amp):
     """On CUDA the compiled step replays as CUDA graphs: the same loss curve as without them
     (eager random numbers; atomics leave float noise), no graph skipped, and a non-finite loss is
     still undone by the checkpoint reload (parameters copied in place, optimiser state replaced);
-    in scene mode too (background field)."""
+    in scene mode too (background field), and with fp16 autocast (its GradScaler outside the graph)."""
     import torch._dynamo
     import torch._inductor.config
     from torch._dynamo.utils import counters
@@ -169,7 +169,7 @@ def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     inputs, _ = scene
     cuda = Context(scene="test", device="cuda", progress=False, log=logging.getLogger("test_train"))
-    base = {**TINY, "compile": "on", "holdout_eval_views": 0, "mode": train_mode}
+    base = {**TINY, "compile": "on", "holdout_eval_views": 0, "mode": train_mode, "amp": amp}
     curves = {}
     for graphs in ("off", "on"):
         torch._dynamo.reset()
