@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.train.external import tcnn_available  # noqa: E402
+from stages.train.fields import Linear  # noqa: E402
 from stages.train.gradients import sdf_and_gradients  # noqa: E402
 from stages.train.hashgrid import GridSpec, HashGrid  # noqa: E402
 
@@ -80,16 +81,15 @@ class TinySdf(torch.nn.Module):
         super().__init__()
         self.split = split
         self.grid = HashGrid(spec, backend)
-        self.l1 = torch.nn.Linear(3 + spec.out_dim, hidden)
-        self.l2 = torch.nn.Linear(hidden, 1 + 64)
+        self.l1 = Linear(3 + spec.out_dim, hidden, weight_norm=False)
+        self.l2 = Linear(hidden, 1 + 64, weight_norm=False)
 
     def forward(self, x, feature_rows=None):
         h = torch.nn.functional.softplus(self.l1(torch.cat([x, self.grid((x + 1) * 0.5)], -1)), beta=100)
-        if feature_rows is None or not self.split:
-            out = self.l2(h)
-            return out[:, 0], out[:, 1:][feature_rows or slice(None)]
-        w, b = self.l2.weight, self.l2.bias
-        return torch.nn.functional.linear(h, w[:1], b[:1])[:, 0], torch.nn.functional.linear(h[feature_rows], w[1:], b[1:])
+        if feature_rows is not None and self.split:
+            return self.l2.split(h, feature_rows)
+        out = self.l2(h)
+        return out[:, 0], out[:, 1:][feature_rows or slice(None)]
 
 
 def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, taps: str,
@@ -108,8 +108,8 @@ def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, ta
         loss_of(x).backward()
     with tf32(backend.endswith("_tf32")):
         sec, peak = timed(step, device, repeats)
-        row = {"case": f"sdf step {taps}" + (" all features" if all_features else ""), "backend": backend, "features": spec.features, "n": n,
-               "per_second": n / sec, "ms": 1000 * sec, "peak_gib": peak}
+        row = {"case": f"sdf step {taps}" + (" all features" if all_features else ""), "backend": backend,
+               "features": spec.features, "n": n, "per_second": n / sec, "ms": 1000 * sec, "peak_gib": peak}
         if profile and device.type == "cuda":
             row["busy_ms"], row["top_kernels"] = profile_kernels(step, device, repeats)
     return row
