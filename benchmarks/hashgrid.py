@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.train.external import tcnn_available  # noqa: E402
+from stages.train import fields  # noqa: E402
 from stages.train.fields import Linear  # noqa: E402
 from stages.train.gradients import sdf_and_gradients  # noqa: E402
 from stages.train.hashgrid import GridSpec, HashGrid  # noqa: E402
@@ -51,11 +52,13 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 GRID_BACKEND = {"eager": "torch", "compiled": "torch", "triton": "triton", "triton_compiled": "triton",
-                "compiled_step": "torch", "triton_step": "triton", "triton_step_tf32": "triton", "tcnn": "tcnn"}
+                "compiled_step": "torch", "triton_step": "triton", "triton_step_tf32": "triton",
+                "triton_step_graphs": "triton", "tcnn": "tcnn"}
 # SDF step only: the whole step (taps, field, losses; forward and backward) is one torch.compile
 # graph, as in training (stages/train/loop.py); for the grid case these equal their *_compiled twin.
-# triton_step_tf32: the same with TF32 matmuls (see --precision for what that does to gradients).
-WHOLE_STEP = ("compiled_step", "triton_step", "triton_step_tf32")
+# triton_step_tf32: the same with TF32 matmuls (see --precision for what that does to gradients);
+# triton_step_graphs: replayed as CUDA graphs (mode="reduce-overhead", as long training runs do).
+WHOLE_STEP = ("compiled_step", "triton_step", "triton_step_tf32", "triton_step_graphs")
 
 
 def grid_case(spec: GridSpec, backend: str, n: int, device, repeats: int) -> dict:
@@ -100,15 +103,20 @@ def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, ta
     def sdf_loss(x):
         sdf, feat, grad, lap = sdf_and_gradients(field, x, 1e-3, taps)
         return sdf.abs().mean() + 0.1 * ((grad.norm(dim=-1) - 1) ** 2).mean() + 5e-4 * lap.abs().mean() + feat.mean()
-    loss_of = torch.compile(sdf_loss, dynamic=False) if backend in WHOLE_STEP else sdf_loss
+    graphs = backend.endswith("_graphs")
+    loss_of = torch.compile(sdf_loss, dynamic=False, mode="reduce-overhead" if graphs else None) \
+        if backend in WHOLE_STEP else sdf_loss
     x = torch.rand(n, 3, device=device) * 1.2 - 0.6
 
     def step():
         model.zero_grad(set_to_none=True)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss_of(x).backward()
     with tf32(backend.endswith("_tf32")):
         sec, peak = timed(step, device, repeats)
-        row = {"case": f"sdf step {taps}" + (" all features" if all_features else ""), "backend": backend,
+        case = f"sdf step {taps}" + " all features" * all_features + " sdf gemm" * (not fields.REDUCE_SDF_COLUMN)
+        row = {"case": case, "backend": backend,
                "features": spec.features, "n": n, "per_second": n / sec, "ms": 1000 * sec, "peak_gib": peak}
         if profile and device.type == "cuda":
             row["busy_ms"], row["top_kernels"] = profile_kernels(step, device, repeats)
@@ -213,8 +221,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="SDF step: GPU busy time and top kernels (CUDA)")
     ap.add_argument("--all-features", action="store_true",
                     help="SDF step: every tap's feature computed too, then dropped (as before the sixth session)")
+    ap.add_argument("--sdf-gemm", action="store_true",
+                    help="SDF step: the SDF column as a GEMM, not a fused reduction (as before)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    fields.REDUCE_SDF_COLUMN = not args.sdf_gemm
     if args.tiny:
         args.n, args.sdf_n, args.levels, args.log2_table, args.max_res, args.base_res, args.repeats = \
             4096, 2048, 8, 14, 256, 16, 2

@@ -10,7 +10,8 @@ one step late), by compiling only the networks (``step=0``; by default rendering
 are compiled whole; ``cuda_graphs=on|off`` with or without CUDA graphs), by the
 multi-kernel AdamW (``fused=0``) or, with the triton grid, by computing the levels that
 coarse-to-fine masks off (``skip=0``), or by the SDF network computing the feature at every
-finite-difference tap, not only at the centres (``centres=0``). Each variant runs in its own
+finite-difference tap, not only at the centres (``centres=0``), or by its SDF column as a GEMM
+instead of a fused reduction (``sdf_column=gemm``). Each variant runs in its own
 process (the first variant of a process ran faster than the later ones). Besides ms/step it
 reports the GPU's busy time per step (sum of kernel times): the gap is host overhead.
 
@@ -45,7 +46,7 @@ def parse_variant(text: str) -> tuple[str, dict, list[str]]:
     special, sets = {}, []
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("layout", "sync", "step", "fused", "skip", "centres"):
+        if key in ("layout", "sync", "step", "fused", "skip", "centres", "sdf_column"):
             special[key] = value
         else:
             sets.append(f"train.{key}={value}")
@@ -104,7 +105,7 @@ def run_steps(run, start: int, count: int, pipelined: bool) -> None:
 
 
 def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[str], args, device) -> dict:
-    from stages.train import gradients, loop
+    from stages.train import fields, gradients, loop
     from stages.train.data import load_scene, split_views
     from stages.train.stage import seed_everything
     from train_quality import train_config
@@ -114,6 +115,7 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
     loop.COMPILE_STEP = special.get("step", "1") == "1"
     loop.FUSED_ADAMW = special.get("fused", "1") == "1"
     gradients.FEATURE_AT_CENTRES = special.get("centres", "1") == "1"
+    fields.REDUCE_SDF_COLUMN = special.get("sdf_column", "reduce") == "reduce"
     if "skip" in special:  # triton grid: compute the levels coarse-to-fine masks off, then multiply
         from stages.train import hashgrid_triton
         hashgrid_triton.LEVEL_SKIP = special["skip"] == "1"

@@ -65,7 +65,16 @@ class Linear(nn.Module):
         """Output 0 for every row of ``x``, outputs 1: only for ``x[rows]``. The SDF's last layer
         at finite-difference taps: their SDF is needed, their feature never is."""
         w, b = self.effective_weight(), self.bias
-        return F.linear(x, w[:1], b[:1])[:, 0], F.linear(x[rows], w[1:], b[1:])
+        if REDUCE_SDF_COLUMN and torch.compiler.is_compiling():
+            sdf = (x * w[0]).sum(-1) + b[0]  # a row reduction that inductor fuses into the kernel making x
+        else:
+            sdf = F.linear(x, w[:1], b[:1])[:, 0]
+        return sdf, F.linear(x[rows], w[1:], b[1:])
+
+
+# Compiled: the SDF column as a fused row reduction, not a matrix-vector product (cuBLAS runs
+# one N = 1 GEMM as an unaligned SIMT kernel, another pass over the hidden layer); False: GEMM.
+REDUCE_SDF_COLUMN = True
 
 
 def grid_spec(cfg) -> GridSpec:
