@@ -115,12 +115,18 @@ def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, ta
         loss_of(x).backward()
     with tf32(backend.endswith("_tf32")):
         sec, peak = timed(step, device, repeats)
-        case = f"sdf step {taps}" + " all features" * all_features + " sdf gemm" * (not fields.REDUCE_SDF_COLUMN)
+        case = f"sdf step {taps}" + " all features" * all_features + " sdf gemm" * (not fields.REDUCE_SDF_COLUMN) \
+            + " no merge" * (GRID_BACKEND[backend] == "triton" and not merge_runs())
         row = {"case": case, "backend": backend,
                "features": spec.features, "n": n, "per_second": n / sec, "ms": 1000 * sec, "peak_gib": peak}
         if profile and device.type == "cuda":
             row["busy_ms"], row["top_kernels"] = profile_kernels(step, device, repeats)
     return row
+
+
+def merge_runs() -> bool:
+    from stages.train import hashgrid_triton
+    return hashgrid_triton.MERGE_RUNS
 
 
 @contextlib.contextmanager
@@ -221,11 +227,16 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="SDF step: GPU busy time and top kernels (CUDA)")
     ap.add_argument("--all-features", action="store_true",
                     help="SDF step: every tap's feature computed too, then dropped (as before the sixth session)")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="triton backward: one atomic per row, not per run of rows in one cell (as before)")
     ap.add_argument("--sdf-gemm", action="store_true",
                     help="SDF step: the SDF column as a GEMM, not a fused reduction (as before)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     fields.REDUCE_SDF_COLUMN = not args.sdf_gemm
+    if args.no_merge:
+        from stages.train import hashgrid_triton
+        hashgrid_triton.MERGE_RUNS = False
     if args.tiny:
         args.n, args.sdf_n, args.levels, args.log2_table, args.max_res, args.base_res, args.repeats = \
             4096, 2048, 8, 14, 256, 16, 2

@@ -11,7 +11,8 @@ are compiled whole; ``cuda_graphs=on|off`` with or without CUDA graphs), by the
 multi-kernel AdamW (``fused=0``) or, with the triton grid, by computing the levels that
 coarse-to-fine masks off (``skip=0``), or by the SDF network computing the feature at every
 finite-difference tap, not only at the centres (``centres=0``), or by its SDF column as a GEMM
-instead of a fused reduction (``sdf_column=gemm``). Each variant runs in its own
+instead of a fused reduction (``sdf_column=gemm``), or by the triton backward issuing one atomic
+per row instead of one per run of rows in one cell (``merge=0``). Each variant runs in its own
 process (the first variant of a process ran faster than the later ones). Besides ms/step it
 reports the GPU's busy time per step (sum of kernel times): the gap is host overhead.
 
@@ -46,7 +47,7 @@ def parse_variant(text: str) -> tuple[str, dict, list[str]]:
     special, sets = {}, []
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("layout", "sync", "step", "fused", "skip", "centres", "sdf_column"):
+        if key in ("layout", "sync", "step", "fused", "skip", "centres", "sdf_column", "merge"):
             special[key] = value
         else:
             sets.append(f"train.{key}={value}")
@@ -116,9 +117,10 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
     loop.FUSED_ADAMW = special.get("fused", "1") == "1"
     gradients.FEATURE_AT_CENTRES = special.get("centres", "1") == "1"
     fields.REDUCE_SDF_COLUMN = special.get("sdf_column", "reduce") == "reduce"
-    if "skip" in special:  # triton grid: compute the levels coarse-to-fine masks off, then multiply
-        from stages.train import hashgrid_triton
-        hashgrid_triton.LEVEL_SKIP = special["skip"] == "1"
+    if "skip" in special or "merge" in special:  # triton grid: masked-off levels computed, then
+        from stages.train import hashgrid_triton     # multiplied; one backward atomic per row
+        hashgrid_triton.LEVEL_SKIP = special.get("skip", "1") == "1"
+        hashgrid_triton.MERGE_RUNS = special.get("merge", "1") == "1"
     log = logging.getLogger("profile")
     seed_everything(cfg.seed)
     scene = load_scene(inputs, log)

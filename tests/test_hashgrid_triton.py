@@ -74,6 +74,30 @@ def test_values_and_gradients_match_torch(features):
     assert (gx1[40:43].abs().sum(0) > 0).all() and (gx1[43].abs() > 0).all()
 
 
+@pytest.mark.parametrize("features", [2, 8])
+def test_runs_of_rows_in_one_cell_give_torchs_table_gradient(features, monkeypatch):
+    """The backward adds up consecutive rows in one cell before its atomics (MERGE_RUNS): points
+    with their finite-difference taps next to them, a long run of one repeated point that crosses
+    a block boundary (rows 120-139, blocks of 128), runs at the batch's end, lone points. The
+    table gradient equals torch's with and without merging, and merging leaves the values alone."""
+    grid = make_grid(features)
+    spec, bufs = grid.spec, grid._buffers_dict()
+    g = torch.Generator().manual_seed(7)
+    centres = torch.rand(60, 3, generator=g) * 0.9 + 0.05
+    taps = torch.tensor([[0, 0, 0], [1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], dtype=torch.float32)
+    x = (centres[:, None] + 2e-3 * taps[None]).reshape(-1, 3)  # 300 rows, point-major
+    x[120:140] = x[120]
+    x = torch.cat([x, torch.rand(37, 3, generator=g), x[-1:].expand(6, 3)]).to(DEVICE)
+    gout = torch.randn(x.shape[0], spec.out_dim, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    want = torch.autograd.grad(encode_torch(x, grid.table, spec, bufs), grid.table, gout)[0]
+    for merge in (True, False):
+        monkeypatch.setattr(ht, "MERGE_RUNS", merge)
+        y = ht.encode_triton(x, grid.table, spec, bufs)
+        got = torch.autograd.grad(y, grid.table, gout)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(y.detach(), encode_torch(x, grid.table, spec, bufs), rtol=1e-5, atol=1e-6)
+
+
 def test_double_backward_matches_torch():
     """Eikonal through analytic gradients: d/d(x, table, gout) of a loss on dL/dx."""
     grid = make_grid(2)

@@ -32,6 +32,7 @@ TUNING = {"fwd": (128, 4), "bwd": (128, 4), "dir": (64, 4)}
 LEVEL_FAST = True  # program order: all levels of a block of points together (else level by level)
 INT32_LIMIT = 2 ** 31  # offsets at or beyond this use int64 arithmetic
 LEVEL_SKIP = True  # levels masked off by coarse-to-fine move no memory; False: multiply afterwards
+MERGE_RUNS = True  # backward: one atomic per corner for consecutive rows in one cell; False: one per row
 
 
 def interpreting() -> bool:
@@ -131,6 +132,36 @@ def _wsel(c: tl.constexpr, bit: tl.constexpr, f):
 
 
 @triton.jit
+def _runs(x_ptr, offs_n, nmask, gx, gy, gz, scale, res, N, BLOCK: tl.constexpr):
+    """Runs of consecutive rows in one cell of this level ([BLOCK, 1] start and end flags, int32):
+    a point's finite-difference taps, and neighbouring samples along a ray at the coarse levels."""
+    r = tl.arange(0, BLOCK)[:, None]
+    prev, nxt = nmask & (r > 0), nmask & (r < BLOCK - 1) & (offs_n + 1 < N)
+    px, _ = _axis(x_ptr, offs_n - 1, prev, 0, scale, res)
+    py, _ = _axis(x_ptr, offs_n - 1, prev, 1, scale, res)
+    pz, _ = _axis(x_ptr, offs_n - 1, prev, 2, scale, res)
+    qx, _ = _axis(x_ptr, offs_n + 1, nxt, 0, scale, res)
+    qy, _ = _axis(x_ptr, offs_n + 1, nxt, 1, scale, res)
+    qz, _ = _axis(x_ptr, offs_n + 1, nxt, 2, scale, res)
+    start = ~prev | (px != gx) | (py != gy) | (pz != gz)
+    end = ~nxt | (qx != gx) | (qy != gy) | (qz != gz)
+    return start.to(tl.int32), end
+
+
+@triton.jit
+def _seg_combine(a, fa, b, fb):
+    return tl.where(fb != 0, b, a + b), fa | fb
+
+
+@triton.jit
+def _run_sums(v, start):
+    """Inclusive sums of ``v`` [BLOCK, FC] down each run (restarting where ``start``): at a run's
+    last row, the run's total."""
+    total, _ = tl.associative_scan((v, tl.broadcast_to(start, v.shape)), axis=0, combine_fn=_seg_combine)
+    return total
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, table_ptr, out_ptr, scales_ptr, meta_ptr, lmask_ptr, N,
                 F: tl.constexpr, FP: tl.constexpr, FC: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
                 I64: tl.constexpr, LEVEL_FAST: tl.constexpr, MASKED: tl.constexpr):
@@ -159,15 +190,18 @@ def _fwd_kernel(x_ptr, table_ptr, out_ptr, scales_ptr, meta_ptr, lmask_ptr, N,
 def _bwd_kernel(gout_ptr, x_ptr, table_ptr, gtable_ptr, gx_ptr, scales_ptr, meta_ptr, lmask_ptr, N,
                 F: tl.constexpr, FP: tl.constexpr, FC: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
                 I64: tl.constexpr, LEVEL_FAST: tl.constexpr, MASKED: tl.constexpr,
-                NEED_TABLE: tl.constexpr, NEED_X: tl.constexpr):
+                NEED_TABLE: tl.constexpr, NEED_X: tl.constexpr, MERGE: tl.constexpr):
     """dL/dtable += g * w_c (atomics); dL/dx += scale * sum_c dw_c/dfrac (g . T_c) (atomics);
-    g is the output gradient times the level's weight m."""
+    g is the output gradient times the level's weight m. MERGE: rows that run in one cell add
+    their table gradients up first and issue one atomic per corner (at the run's last row)."""
     lvl, offs_n, nmask = _program(N, L, BLOCK, LEVEL_FAST, I64)
     scale, res, size, off, hashed = _level(scales_ptr, meta_ptr, lvl)
     m, nmask = _gate(lmask_ptr, lvl, nmask, F, MASKED)
     gx, fx = _axis(x_ptr, offs_n, nmask, 0, scale, res)
     gy, fy = _axis(x_ptr, offs_n, nmask, 1, scale, res)
     gz, fz = _axis(x_ptr, offs_n, nmask, 2, scale, res)
+    if MERGE:
+        start, end = _runs(x_ptr, offs_n, nmask, gx, gy, gz, scale, res, N, BLOCK)
     cols = tl.arange(0, FC)[None, :]
     dfx = tl.zeros([BLOCK, 1], tl.float32)
     dfy = tl.zeros([BLOCK, 1], tl.float32)
@@ -182,7 +216,11 @@ def _bwd_kernel(gout_ptr, x_ptr, table_ptr, gtable_ptr, gx_ptr, scales_ptr, meta
             wy, sy = _wsel(c, 1, fy)
             wz, sz = _wsel(c, 2, fz)
             if NEED_TABLE:
-                tl.atomic_add(gtable_ptr + ptrs, g * ((wz * wy) * wx), mask=cmask, sem="relaxed")
+                if MERGE:
+                    tl.atomic_add(gtable_ptr + ptrs, _run_sums(g * ((wz * wy) * wx), start), mask=cmask & end,
+                                  sem="relaxed")
+                else:
+                    tl.atomic_add(gtable_ptr + ptrs, g * ((wz * wy) * wx), mask=cmask, sem="relaxed")
             if NEED_X:
                 q = tl.sum(tl.load(table_ptr + ptrs, mask=cmask, other=0.0) * g, axis=1, keep_dims=True)
                 dfx += sx * (wz * wy) * q
@@ -311,7 +349,8 @@ def hashgrid_bwd(gout: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scale
     gx = torch.zeros_like(x) if need_x else x.new_empty(0)
     if n and (need_table or need_x):
         _launch(_bwd_kernel, "bwd", n, lv, f, e, gout, x, table, gtable if need_table else table,
-                gx if need_x else x, scales, meta, lmask=lmask, NEED_TABLE=need_table, NEED_X=need_x)
+                gx if need_x else x, scales, meta, lmask=lmask, NEED_TABLE=need_table, NEED_X=need_x,
+                MERGE=MERGE_RUNS)
     return gtable, gx
 
 
