@@ -352,7 +352,7 @@ def hashgrid_bwd(gout: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scale
     if n and (need_table or need_x):
         _launch(_bwd_kernel, "bwd", n, lv, f, e, gout, x, table, gtable if need_table else table,
                 gx if need_x else x, scales, meta, lmask=lmask, NEED_TABLE=need_table, NEED_X=need_x,
-                MERGE=MERGE_RUNS)
+                MERGE=MERGE_RUNS and need_table)
     return gtable, gx
 
 
