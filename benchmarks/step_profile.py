@@ -3,17 +3,18 @@
 Trains the spot scene (as benchmarks/train_quality.py renders it, GT cameras and masks) with the
 real loop (``stages.train.loop``) for ``--warmup`` steps (past the occupancy warm-up, so samples
 follow the surface), times ``--steps`` more, then profiles ``--profile`` steps with
-``torch.profiler``. Variants differ by train overrides (``--variant name:key=value,...``), by
-the numerical-gradient tap layout (``layout=tap``: tap-major instead of point-major), by
-waiting for every step's metrics before launching the next (``sync=1``; the loop reads them
-one step late), by compiling only the networks (``step=0``; by default rendering and losses
-are compiled whole; ``cuda_graphs=on|off`` with or without CUDA graphs), by the
-multi-kernel AdamW (``fused=0``) or, with the triton grid, by computing the levels that
-coarse-to-fine masks off (``skip=0``), or by the SDF network computing the feature at every
-finite-difference tap, not only at the centres (``centres=0``), or by its SDF column as a GEMM
-instead of a fused reduction (``sdf_column=gemm``), or by the triton backward issuing one atomic
-per row instead of one per run of rows in one cell (``merge=0``). Each variant runs in its own
-process (the first variant of a process ran faster than the later ones). Besides ms/step it
+``torch.profiler``. Variants differ by train overrides (``--variant name:key=value,...``;
+``cuda_graphs=on|off`` with or without CUDA graphs) or by these keys, each the old or a slower path:
+- ``layout=tap``: numerical-gradient taps tap-major instead of point-major;
+- ``sync=1``: wait for every step's metrics before launching the next (the loop reads them one step late);
+- ``step=0``: compile only the networks (by default rendering and losses are compiled whole);
+- ``fused=0``: the multi-kernel AdamW;
+- ``skip=0``: the triton grid computes the levels coarse-to-fine masks off, then multiplies;
+- ``merge=0``: the triton backward issues one atomic per row, not one per run of rows in one cell;
+- ``centres=0``: the SDF network computes the feature at every finite-difference tap;
+- ``sdf_column=gemm``: the SDF column as a GEMM instead of a fused reduction.
+
+Each variant runs in its own process (the first variant of a process ran faster than the later ones). Besides ms/step it
 reports the GPU's busy time per step (sum of kernel times): the gap is host overhead.
 
     PYTHONPATH=. python benchmarks/step_profile.py --variant base: --variant taps_tap_major:layout=tap \\

@@ -34,6 +34,10 @@ def spherical_harmonics(d: torch.Tensor, levels: int) -> torch.Tensor:
                 SH_C[6] * x * (x2 - 3 * y2)]
     return torch.stack(out, -1)
 
+# Compiled: the SDF column as a fused row reduction, not a matrix-vector product (cuBLAS runs
+# one N = 1 GEMM as an unaligned SIMT kernel, another pass over the hidden layer); False: GEMM.
+REDUCE_SDF_COLUMN = True
+
 
 class Linear(nn.Module):
     """A linear layer, optionally weight-normalised (weight = g * v / |v| row-wise)."""
@@ -71,10 +75,6 @@ class Linear(nn.Module):
             sdf = F.linear(x, w[:1], b[:1])[:, 0]
         return sdf, F.linear(x[rows], w[1:], b[1:])
 
-
-# Compiled: the SDF column as a fused row reduction, not a matrix-vector product (cuBLAS runs
-# one N = 1 GEMM as an unaligned SIMT kernel, another pass over the hidden layer); False: GEMM.
-REDUCE_SDF_COLUMN = True
 
 
 def grid_spec(cfg) -> GridSpec:
