@@ -5,7 +5,8 @@
 
 Backends: torch eager, torch compiled (``torch.compile``), triton (stages/train/hashgrid_triton.py;
 CUDA) alone and under ``torch.compile`` (the MLP compiled around the custom op), tcnn (only if
-tinycudann imports); ``compiled_step`` / ``triton_step`` compile the whole SDF step, as training does.
+tinycudann imports); ``compiled_step`` / ``triton_step`` compile the whole SDF step, as training does
+(``_graphs``: replayed as CUDA graphs; ``_tf32``: TF32 matmuls, ``train.sdf_matmul=tf32``).
 Also a full SDF step (x + numerical-gradient taps through grid and 1x256 MLP, eikonal +
 curvature, backward) per backend, in samples/s. Prints a markdown table last; JSON to --out.
 """
@@ -53,12 +54,13 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
 
 GRID_BACKEND = {"eager": "torch", "compiled": "torch", "triton": "triton", "triton_compiled": "triton",
                 "compiled_step": "torch", "triton_step": "triton", "triton_step_tf32": "triton",
-                "triton_step_graphs": "triton", "tcnn": "tcnn"}
+                "triton_step_graphs": "triton", "triton_step_graphs_tf32": "triton", "tcnn": "tcnn"}
 # SDF step only: the whole step (taps, field, losses; forward and backward) is one torch.compile
 # graph, as in training (stages/train/loop.py); for the grid case these equal their *_compiled twin.
 # triton_step_tf32: the same with TF32 matmuls (see --precision for what that does to gradients);
-# triton_step_graphs: replayed as CUDA graphs (mode="reduce-overhead", as long training runs do).
-WHOLE_STEP = ("compiled_step", "triton_step", "triton_step_tf32", "triton_step_graphs")
+# triton_step_graphs: replayed as CUDA graphs (mode="reduce-overhead", as long training runs do);
+# triton_step_graphs_tf32: both.
+WHOLE_STEP = ("compiled_step", "triton_step", "triton_step_tf32", "triton_step_graphs", "triton_step_graphs_tf32")
 
 
 def grid_case(spec: GridSpec, backend: str, n: int, device, repeats: int) -> dict:
@@ -103,7 +105,7 @@ def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, ta
     def sdf_loss(x):
         sdf, feat, grad, lap = sdf_and_gradients(field, x, 1e-3, taps)
         return sdf.abs().mean() + 0.1 * ((grad.norm(dim=-1) - 1) ** 2).mean() + 5e-4 * lap.abs().mean() + feat.mean()
-    graphs = backend.endswith("_graphs")
+    graphs = "_graphs" in backend
     loss_of = torch.compile(sdf_loss, dynamic=False, mode="reduce-overhead" if graphs else None) \
         if backend in WHOLE_STEP else sdf_loss
     x = torch.rand(n, 3, device=device) * 1.2 - 0.6
@@ -139,7 +141,7 @@ def tf32(on: bool):
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def profile_kernels(step, device, repeats: int, rows: int = 8) -> tuple[float, list]:
+def profile_kernels(step, device, repeats: int, rows: int = 14) -> tuple[float, list]:
     """GPU busy ms per call (the sum of kernel times) and the kernels that take the most."""
     from step_profile import kernels, top_kernels
 
@@ -231,12 +233,17 @@ def main(argv=None) -> int:
                     help="triton backward: one atomic per row, not per run of rows in one cell (as before)")
     ap.add_argument("--sdf-gemm", action="store_true",
                     help="SDF step: the SDF column as a GEMM, not a fused reduction (as before)")
+    ap.add_argument("--tuning", default="",
+                    help="triton BLOCK x num_warps per kernel, e.g. fwd=64x2,bwd=256x8 (default: the module's)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     fields.REDUCE_SDF_COLUMN = not args.sdf_gemm
-    if args.no_merge:
+    if args.no_merge or args.tuning:
         from stages.train import hashgrid_triton
-        hashgrid_triton.MERGE_RUNS = False
+        hashgrid_triton.MERGE_RUNS = not args.no_merge
+        for item in filter(None, args.tuning.split(",")):
+            kind, _, cfg = item.partition("=")
+            hashgrid_triton.TUNING[kind] = tuple(int(v) for v in cfg.split("x"))
     if args.tiny:
         args.n, args.sdf_n, args.levels, args.log2_table, args.max_res, args.base_res, args.repeats = \
             4096, 2048, 8, 14, 256, 16, 2

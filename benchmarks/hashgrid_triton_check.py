@@ -5,8 +5,10 @@ and how close triton comes to a bandwidth floor (bytes per point over measured c
     python benchmarks/hashgrid_triton_check.py --out hashgrid_triton.json           # H100, < 3 min
     TRITON_INTERPRET=1 python benchmarks/hashgrid_triton_check.py --device cpu --tiny  # smoke test
 
-Points are uniform in [0, 1]^3 (the cache-hostile case) plus, for triton, ``rays``: runs of 64
-samples along random rays (the access pattern of training). Prints a markdown table last.
+Points are uniform in [0, 1]^3 (the cache-hostile case), ``rays`` (runs of 64 samples along
+random rays) and points with their 4 tetrahedral taps, tap-major or point by point (training's
+layout: ``taps_interleaved``). Each triton row's "x compile" is against torch.compile timed on the
+same points. Prints a markdown table last.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ import torch  # noqa: E402
 
 from stages.train.hashgrid import GridSpec, HashGrid, encode_torch  # noqa: E402
 
-SWEEP = [(64, 2), (128, 4), (256, 4), (256, 8)]  # (BLOCK, num_warps)
+POINT_KINDS = ("uniform", "rays", "taps_blocked", "taps_interleaved")
+# the torch.compile row each triton row is compared with: the one timed on the same points
+COMPILE_ROW = {k: "torch.compile" + ("" if k == "uniform" else " " + k.replace("_", " ")) for k in POINT_KINDS}
+SWEEP = [(64, 2), (128, 4), (256, 4), (256, 8), (512, 8), (512, 16)]  # (BLOCK, num_warps)
 
 
 def sync(device) -> None:
@@ -180,22 +185,26 @@ def run_config(spec: GridSpec, args, device, ht) -> dict:
     eager_fwd = lambda: encode_torch(x, grid.table, spec, bufs)  # noqa: E731
     res["rows"].append(run_backend("torch eager", step_fn(encode_torch, grid, x, gout, False), eager_fwd,
                                    device, n, max(2, iters // 4)))
-    if args.compile and device.type == "cuda":
-        start = time.perf_counter()
-        comp = torch.compile(encode_torch, dynamic=False)
-        row = run_backend("torch.compile", step_fn(comp, grid, x, gout, False),
-                          lambda: comp(x, grid.table, spec, bufs), device, n, iters)
-        row["compile_and_bench_s"] = round(time.perf_counter() - start, 1)
-        res["rows"].append(row)
-        del comp
-        torch._dynamo.reset()
+    if args.compile and device.type == "cuda":  # on each point pattern the triton rows are timed on
+        for kind in POINT_KINDS:
+            start = time.perf_counter()
+            xk = x if kind == "uniform" else make_points(n, kind, device, spec)
+            comp = torch.compile(encode_torch, dynamic=False)
+            row = run_backend(COMPILE_ROW[kind], step_fn(comp, grid, xk, gout[:xk.shape[0]], False),
+                              lambda p=xk: comp(p, grid.table, spec, bufs), device, xk.shape[0], iters)
+            row["compile_and_bench_s"] = round(time.perf_counter() - start, 1)
+            res["rows"].append(row)
+            del comp
+            torch._dynamo.reset()
     if ht is None:
         res["rows"].append({"backend": "triton", "error": args.triton_error})
         return res
     if args.sweep:
-        fwd_only = lambda: ht.encode_triton(x, grid.table, spec)  # noqa: E731
+        xs = x if args.sweep_points == "uniform" else make_points(n, args.sweep_points, device, spec)
+        gs = gout[:xs.shape[0]]
+        fwd_only = lambda: ht.encode_triton(xs, grid.table, spec)  # noqa: E731
         scales, meta = ht.level_tables(spec, None, device)
-        bwd_only = lambda: ht.hashgrid_bwd(gout, x, grid.table, scales, meta, x.new_empty(0), True, False)  # noqa: E731
+        bwd_only = lambda: ht.hashgrid_bwd(gs, xs, grid.table, scales, meta, x.new_empty(0), True, False)  # noqa: E731
         with torch.no_grad():
             res["sweep"] = {"fwd": sweep(ht, "fwd", fwd_only, device, iters),
                             "bwd": sweep(ht, "bwd", bwd_only, device, iters)}
@@ -209,6 +218,7 @@ def run_config(spec: GridSpec, args, device, ht) -> dict:
         ht.LEVEL_FAST = name != "triton level-major"
         row = run_backend(name, step_fn(ht.encode_triton, grid, xk, gout[:xk.shape[0]], need_x), fwd,
                           device, xk.shape[0], iters)
+        row["points_kind"] = kind
         res["rows"].append(row)
     ht.LEVEL_FAST = True
     return res
@@ -219,9 +229,10 @@ def summarise(res: dict, bandwidth: float) -> None:
     floor = floor_bytes(GridSpec(**{k: res["spec"][k] for k in GridSpec.__dataclass_fields__}), res["points"])
     res["floor_bytes_per_point"] = floor
     res["floor_points_per_s"] = {k: bandwidth / v["total"] for k, v in floor.items()}
-    ref = next((r.get("points_per_s") for r in res["rows"] if r["backend"] == "torch.compile"), None)
+    refs = {r["backend"]: r.get("points_per_s") for r in res["rows"]}
     for r in res["rows"]:
         if "points_per_s" in r:
+            ref = refs.get(COMPILE_ROW.get(r.get("points_kind"), "torch.compile"))
             r["vs_compile"] = r["points_per_s"] / ref if ref else None
             r["of_floor"] = {k: r["points_per_s"] / v for k, v in res["floor_points_per_s"].items()}
 
@@ -254,6 +265,8 @@ def main() -> None:
     parser.add_argument("--check-points", type=int, default=1 << 16, help="points in the correctness check")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the BLOCK/num_warps sweep")
+    parser.add_argument("--sweep-points", default="uniform", choices=["uniform", "rays", "taps_interleaved"],
+                        help="the points the sweep picks BLOCK/num_warps on (training's are taps_interleaved)")
     parser.add_argument("--out", type=Path, default=Path("hashgrid_triton.json"))
     args = parser.parse_args()
     device = torch.device(args.device)

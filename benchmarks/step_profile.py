@@ -12,7 +12,8 @@ follow the surface), times ``--steps`` more, then profiles ``--profile`` steps w
 - ``skip=0``: the triton grid computes the levels coarse-to-fine masks off, then multiplies;
 - ``merge=0``: the triton backward issues one atomic per row, not one per run of rows in one cell;
 - ``centres=0``: the SDF network computes the feature at every finite-difference tap;
-- ``sdf_column=gemm``: the SDF column as a GEMM instead of a fused reduction.
+- ``sdf_column=gemm``: the SDF column as a GEMM instead of a fused reduction;
+- ``fwd=BLOCKxWARPS``, ``bwd=BLOCKxWARPS``: the triton grid kernels' tile (default: ``TUNING``).
 
 Each variant runs in its own process (the first variant of a process ran faster than the later ones). Besides ms/step it
 reports the GPU's busy time per step (sum of kernel times): the gap is host overhead.
@@ -48,7 +49,7 @@ def parse_variant(text: str) -> tuple[str, dict, list[str]]:
     special, sets = {}, []
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        if key in ("layout", "sync", "step", "fused", "skip", "centres", "sdf_column", "merge"):
+        if key in ("layout", "sync", "step", "fused", "skip", "centres", "sdf_column", "merge", "fwd", "bwd"):
             special[key] = value
         else:
             sets.append(f"train.{key}={value}")
@@ -106,6 +107,25 @@ def run_steps(run, start: int, count: int, pipelined: bool) -> None:
         loop.resolve(pending)
 
 
+def host_profile(run, start: int, steps: int, pipelined: bool, device) -> str:
+    """Where the host's time goes over ``steps`` steps: cProfile's top functions by own time, then
+    by cumulative time (cProfile slows Python calls down: compare shares, not totals)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run_steps(run, start, steps, pipelined)
+    sync(device)
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    return out.getvalue()
+
+
 def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[str], args, device) -> dict:
     from stages.train import fields, gradients, loop
     from stages.train.data import load_scene, split_views
@@ -118,10 +138,13 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
     loop.FUSED_ADAMW = special.get("fused", "1") == "1"
     gradients.FEATURE_AT_CENTRES = special.get("centres", "1") == "1"
     fields.REDUCE_SDF_COLUMN = special.get("sdf_column", "reduce") == "reduce"
-    if "skip" in special or "merge" in special:  # triton grid: masked-off levels computed, then
-        from stages.train import hashgrid_triton     # multiplied; one backward atomic per row
+    if {"skip", "merge", "fwd", "bwd"} & special.keys():  # triton grid: masked-off levels computed,
+        from stages.train import hashgrid_triton           # then multiplied; one atomic per row; tiles
         hashgrid_triton.LEVEL_SKIP = special.get("skip", "1") == "1"
         hashgrid_triton.MERGE_RUNS = special.get("merge", "1") == "1"
+        for kind in ("fwd", "bwd"):
+            if kind in special:
+                hashgrid_triton.TUNING[kind] = tuple(int(v) for v in special[kind].split("x"))
     log = logging.getLogger("profile")
     seed_everything(cfg.seed)
     scene = load_scene(inputs, log)
@@ -142,7 +165,9 @@ def run_variant(inputs: dict, preset: str, name: str, special: dict, sets: list[
         sync(device)
     events = kernels(prof, device)
     samples = cfg.batch_rays * cfg.samples_per_ray
-    return {"variant": name, "overrides": sets, **special, "backend": run.backend, "compiled": run.compiled,
+    host = host_profile(run, args.warmup + args.steps + args.profile, args.host_profile, pipelined, device) \
+        if args.host_profile else None
+    return {"variant": name, "host_profile": host, "overrides": sets, **special, "backend": run.backend, "compiled": run.compiled,
             "step_compiled": run.loss_fn is not None,
             "warmup_seconds": warm_s, "ms_per_step": step_ms, "samples_per_second": samples / step_ms * 1000,
             "busy_ms_per_step": sum(t for _, t, _ in events) / 1000.0 / max(1, args.profile),
@@ -160,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=200, help="timed steps")
     ap.add_argument("--profile", type=int, default=10, help="profiled steps")
     ap.add_argument("--rows", type=int, default=15, help="kernels listed per variant")
+    ap.add_argument("--host-profile", type=int, default=0,
+                    help="steps run under cProfile after the profiled ones (host time per function; 0 = none)")
     ap.add_argument("--variant", action="append", default=[], help="name:key=value,... (train keys, or layout=point|tap)")
     ap.add_argument("--set", action="append", default=[], help="train overrides for every variant")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -179,7 +206,7 @@ def main(argv=None) -> int:
     variants = args.variant or ["base:"]
     if len(variants) == 1:
         rows.append(run_variant(inputs, args.preset, *parse_variant(variants[0]), args, device))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), file=sys.stderr)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("top", "host_profile")}), file=sys.stderr)
     else:
         common = strip_options(sys.argv[1:] if argv is None else argv, ("--variant", "--out"))
         for i, text in enumerate(variants):
@@ -191,6 +218,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.write_text(json.dumps(info, indent=1))
     for r in rows:
+        if r.get("host_profile"):
+            print(f"\n### {r['variant']}: host time over {args.host_profile} steps (cProfile)\n\n{r['host_profile']}")
         print(f"\n### {r['variant']} ({r['backend']}): top kernels over {args.profile} steps\n")
         print("| kernel | ms | share | calls |\n|---|---|---|---|")
         for k in r["top"]:

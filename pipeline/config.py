@@ -124,6 +124,9 @@ class TrainConfig:
         "auto", "replay that compiled step as CUDA graphs on CUDA (steps 14% faster on spot, but ~10 s more "
         "compile: benchmarks/RESULTS.md); auto: on for runs of 10000 steps or more")
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "autocast of the colour/background MLPs on CUDA (the SDF stays fp32); auto = bf16 on CUDA")
+    sdf_matmul: Literal["fp32", "tf32"] = opt(
+        "fp32", "the SDF MLP's matmuls on CUDA: fp32, or TF32 tensor cores (faster steps; finite-difference "
+        "normals ~1 deg noisier: benchmarks/RESULTS.md)")
     # coarse-to-fine and numerical gradients
     c2f_init_levels: int = opt(4, "hash levels active at the start")
     c2f_step: int = opt(700, "activate one more level every this many steps (0 = all levels from the start)")

@@ -104,6 +104,19 @@ def test_resume_after_sigterm_gives_the_same_loss_curve(scene, tmp_path, determi
     assert resumed == full  # bitwise: every loss term of every step
 
 
+def test_tf32_setting_holds_during_training_only(scene, tmp_path):
+    """``sdf_matmul=tf32`` turns TF32 matmuls on for the steps and back off after training."""
+    inputs, _ = scene
+    seen = []
+
+    def record(step, loss):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return loss
+    assert not torch.backends.cuda.matmul.allow_tf32
+    run_stage(inputs, TrainConfig(**{**TINY, "iterations": 3, "sdf_matmul": "tf32"}), tmp_path, ctx(), hook=record)
+    assert seen == [True] * 3 and not torch.backends.cuda.matmul.allow_tf32
+
+
 def test_nonfinite_loss_reloads_halves_lr_then_fails(scene, tmp_path, deterministic):
     inputs, _ = scene
     cfg = TrainConfig(**TINY)

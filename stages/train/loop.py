@@ -451,8 +451,11 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
         from tqdm import tqdm
         bar = tqdm(total=cfg.iterations, initial=run.progress.step, desc="train", leave=False, dynamic_ncols=True)
     t0, base = time.perf_counter(), run.progress.elapsed
-    pending: Launched | None = None  # the step before the one being launched: read one step late,
-    try:                             # so the host never waits for the GPU in between
+    # the step before the one being launched: read one step late, so the host never waits for the GPU
+    pending: Launched | None = None
+    # the fp32 matmuls of a step are the SDF MLP's (the colour MLPs run under autocast)
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, cfg.sdf_matmul == "tf32"
+    try:
         while run.progress.step < cfg.iterations:
             following = pending.step + 1 if pending else run.progress.step
             ahead = pending is None or not _ends_a_stretch(cfg, following, should_stop())
@@ -480,6 +483,7 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
                     raise StageError(f"train: stopped by SIGTERM at step {step + 1}; checkpoint saved, "
                                      "rerun to resume")
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         if bar is not None:
             bar.close()
         if writer is not None:
