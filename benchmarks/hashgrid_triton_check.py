@@ -8,7 +8,8 @@ and how close triton comes to a bandwidth floor (bytes per point over measured c
 Points are uniform in [0, 1]^3 (the cache-hostile case), ``rays`` (runs of 64 samples along
 random rays) and points with their 4 tetrahedral taps, tap-major or point by point (training's
 layout: ``taps_interleaved``). Each triton row's "x compile" is against torch.compile timed on the
-same points. Prints a markdown table last.
+same points. The bandwidth floor assumes every corner a cache miss (uniform points): the
+cache-friendly patterns can beat it. Prints a markdown table last.
 """
 from __future__ import annotations
 
