@@ -7,8 +7,8 @@ contiguous features per corner in 16-byte chunks (so loads vectorise, without la
 and interpolate trilinearly (corner order x fastest, weights ``(wz * wy) * wx`` as in the torch
 twin; FMA contraction off, so cells and weights equal eager torch's). Backward:
 ``tl.atomic_add`` into an fp32 table gradient (scalar atomics: PTX vector reductions, 4x fewer
-instructions, measured the same speed, so the backward is bound by memory, not by atomic issue;
-benchmarks/RESULTS.md, fifth session; consecutive rows in one cell, such as a point's
+instructions, measured the same speed: the backward is bound by the L2's atomic throughput on
+random rows, not by atomic issue; benchmarks/atomics.py and RESULTS.md; consecutive rows in one cell, such as a point's
 finite-difference taps, first add up in a segmented scan and issue one atomic per corner:
 ``MERGE_RUNS``) and, when x needs it, the positional gradient (atomics over
 levels into ``[N, 3]``); the double backward (eikonal through analytic gradients) uses a third,
