@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from hashgrid_triton_check import timed
 
 
 @triton.jit
@@ -40,18 +41,6 @@ def _scatter(table_ptr, row_ptr, val_ptr, n, F: tl.constexpr, BLOCK: tl.constexp
             tl.atomic_add(table_ptr + row * F + f, v, mask=mask, sem="relaxed")
 
 
-def timed(fn, device, iters: int) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
-
-
 def atomic_rate(features: int, log2_table: int, n: int, device, iters: int, row_block: bool,
                 block: int = 256) -> dict:
     """fp32 atomic adds per second: n random rows of a (2^log2_table, F) table, F adds each."""
@@ -60,13 +49,15 @@ def atomic_rate(features: int, log2_table: int, n: int, device, iters: int, row_
     vals = torch.rand(n, generator=g).to(device)
     table = torch.zeros((1 << log2_table) * features, device=device)
     grid = (triton.cdiv(n, block),)
+    warmup = 1
     sec = timed(lambda: _scatter[grid](table, rows, vals, n, F=features, BLOCK=block, ROW_BLOCK=row_block),
-                device, iters)
-    want = float(vals.double().sum()) * features * (iters + 1)
+                device, iters, warmup)
+    want = float(vals.double().sum()) * features * (iters + warmup)
     if abs(float(table.double().sum()) - want) > 1e-3 * abs(want):  # every add landed
         raise RuntimeError(f"atomic sums wrong: {float(table.double().sum())} vs {want}")
-    return {"features": features, "pattern": "row block" if row_block else "per feature", "table_mib": table.numel() * 4 / 2**20, "adds": n * features,
-            "ms": 1000 * sec, "adds_per_s": n * features / sec}
+    return {"features": features, "pattern": "row block" if row_block else "per feature",
+            "table_mib": table.numel() * 4 / 2**20, "adds": n * features, "ms": 1000 * sec,
+            "adds_per_s": n * features / sec}
 
 
 def main(argv=None) -> int:
@@ -98,8 +89,8 @@ def main(argv=None) -> int:
     print("| F | pattern | table MiB | G adds/s | ms per launch | grid fwd+bwd bound, M points/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['features']} | {r['pattern']} | {r['table_mib']:.0f} | {r['adds_per_s'] / 1e9:.1f} | {r['ms']:.2f} | "
-              f"{r['grid_points_per_s_bound'] / 1e6:.0f} |")
+        print(f"| {r['features']} | {r['pattern']} | {r['table_mib']:.0f} | {r['adds_per_s'] / 1e9:.1f} | "
+              f"{r['ms']:.2f} | {r['grid_points_per_s_bound'] / 1e6:.0f} |")
     return 0
 
 

@@ -13,7 +13,6 @@ curvature, backward) per backend, in samples/s. Prints a markdown table last; JS
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
@@ -29,6 +28,7 @@ from stages.train import fields  # noqa: E402
 from stages.train.fields import Linear  # noqa: E402
 from stages.train.gradients import sdf_and_gradients  # noqa: E402
 from stages.train.hashgrid import GridSpec, HashGrid  # noqa: E402
+from stages.train.loop import tf32_matmuls  # noqa: E402
 
 
 def sync(device):
@@ -115,7 +115,7 @@ def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, ta
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss_of(x).backward()
-    with tf32(backend.endswith("_tf32")):
+    with tf32_matmuls(backend.endswith("_tf32")):
         sec, peak = timed(step, device, repeats)
         case = f"sdf step {taps}" + " all features" * all_features + " sdf gemm" * (not fields.REDUCE_SDF_COLUMN) \
             + " no merge" * (GRID_BACKEND[backend] == "triton" and not merge_runs())
@@ -129,16 +129,6 @@ def sdf_step_case(spec: GridSpec, backend: str, n: int, device, repeats: int, ta
 def merge_runs() -> bool:
     from stages.train import hashgrid_triton
     return hashgrid_triton.MERGE_RUNS
-
-
-@contextlib.contextmanager
-def tf32(on: bool):
-    """TF32 matmuls on CUDA inside the block (off again after it)."""
-    torch.backends.cuda.matmul.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def profile_kernels(step, device, repeats: int, rows: int = 14) -> tuple[float, list]:
@@ -178,7 +168,7 @@ def precision_case(spec: GridSpec, backend: str, n: int, device, repeats: int, t
         net.float()
         rows = []
         for name in ("fp32", "tf32", "bf16"):
-            with tf32(name == "tf32"), torch.autocast(device.type, torch.bfloat16, enabled=name == "bf16"):
+            with tf32_matmuls(name == "tf32"), torch.autocast(device.type, torch.bfloat16, enabled=name == "bf16"):
                 grad = sdf_and_gradients(net, x, 1e-3, taps)[2].double()
             cos = torch.nn.functional.cosine_similarity(grad, ref, dim=-1).clamp(-1, 1)
             angle = torch.rad2deg(torch.arccos(cos))

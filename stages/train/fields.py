@@ -76,7 +76,6 @@ class Linear(nn.Module):
         return sdf, F.linear(x[rows], w[1:], b[1:])
 
 
-
 def grid_spec(cfg) -> GridSpec:
     return GridSpec(cfg.grid_levels, cfg.grid_features, cfg.grid_log2_table, cfg.grid_base_res, cfg.grid_max_res)
 

@@ -7,10 +7,11 @@ Tetrahedral (Neuralangelo): taps at ``x + eps * k_i`` with k = (1,-1,-1), (-1,-1
 through the field in one batched call, each point next to its taps (``INTERLEAVE``): the taps
 share grid cells with their point at the coarse levels, so the hash-grid kernels hit the cache
 instead of walking the batch once per tap (3.5x faster than tap-major at 2 features, 4.9x at 8,
-on random points in benchmarks/hashgrid_triton_check.py). In training, where samples along a ray already share cells, the two
-layouts measured the same (benchmarks/RESULTS.md, fourth session). The field computes the
-feature only at the centres (``feature_rows``): a tap's feature is never used, and with a
-feature of 64-256 channels it is most of the MLP's multiply-adds.
+on random points in benchmarks/hashgrid_triton_check.py). In training, where samples along a
+ray already share cells, the two layouts measured the same (benchmarks/RESULTS.md, fourth
+session). The field computes the feature only at the centres (``feature_rows``): a tap's
+feature is never used, and with a feature of 64-256 channels it is most of the MLP's
+multiply-adds.
 """
 from __future__ import annotations
 

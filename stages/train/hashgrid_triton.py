@@ -8,9 +8,9 @@ and interpolate trilinearly (corner order x fastest, weights ``(wz * wy) * wx`` 
 twin; FMA contraction off, so cells and weights equal eager torch's). Backward:
 ``tl.atomic_add`` into an fp32 table gradient (scalar atomics: PTX vector reductions, 4x fewer
 instructions, measured the same speed: the backward is bound by the L2's atomic throughput on
-random rows, not by atomic issue; benchmarks/atomics.py and RESULTS.md; consecutive rows in one cell, such as a point's
-finite-difference taps, first add up in a segmented scan and issue one atomic per corner:
-``MERGE_RUNS``) and, when x needs it, the positional gradient (atomics over
+random rows, not by atomic issue; benchmarks/atomics.py and RESULTS.md; consecutive rows in one
+cell, such as a point's finite-difference taps, first add up in a segmented scan and issue one
+atomic per corner: ``MERGE_RUNS``) and, when x needs it, the positional gradient (atomics over
 levels into ``[N, 3]``); the double backward (eikonal through analytic gradients) uses a third,
 directional kernel. Levels that coarse-to-fine masks off (``level_mask``) read and write nothing.
 The ops are ``torch.library`` custom ops, so ``torch.compile`` treats them as black boxes.

@@ -9,6 +9,7 @@ long runs (``step_mode``), and ``train`` reads each step's metrics only after la
 next, so the host never waits for the GPU."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -288,6 +289,18 @@ def update_occupancy(run: Run, step: int) -> None:
             run.comm.broadcast_occupancy(run.occ)
 
 
+@contextlib.contextmanager
+def tf32_matmuls(on: bool):
+    """fp32 matmuls on CUDA as TF32 (``on``) or fp32 inside the block; the flag as it was after.
+    The colour and background MLPs run under autocast, so in a step this is the SDF MLP."""
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
+
+
 @dataclass
 class Launched:
     """A step whose GPU work is queued: its metrics (``names``) as one device tensor, read by
@@ -305,17 +318,18 @@ def launch_step(run: Run, step: int, hook: Callable | None = None) -> Launched:
     when its loss turns out non-finite: :func:`resolve` finds that out a step later and the
     caller reloads the last checkpoint, which undoes it. With several ranks the ranks must agree
     before stepping, so this waits for the loss."""
-    weights = apply_schedules(run, step)
-    update_occupancy(run, step)
-    loss, terms = compute_losses(run, weights)
-    if hook is not None:
-        loss = hook(step, loss)
-    terms["loss"] = loss.detach()
-    values = torch.stack([v.float().reshape(()) for v in terms.values()])
-    finite = True if run.comm is None else math.isfinite(float(terms["loss"]))
-    stepped = optimise(run, loss, finite)
-    extra = {"active_levels": weights["active_levels"], "eps": weights["eps"],
-             "lr": run.optimizer.param_groups[-1]["lr"]}
+    with tf32_matmuls(run.cfg.sdf_matmul == "tf32"):  # a step's fp32 matmuls are the SDF MLP's
+        weights = apply_schedules(run, step)
+        update_occupancy(run, step)
+        loss, terms = compute_losses(run, weights)
+        if hook is not None:
+            loss = hook(step, loss)
+        terms["loss"] = loss.detach()
+        values = torch.stack([v.float().reshape(()) for v in terms.values()])
+        finite = True if run.comm is None else math.isfinite(float(terms["loss"]))
+        stepped = optimise(run, loss, finite)
+        extra = {"active_levels": weights["active_levels"], "eps": weights["eps"],
+                 "lr": run.optimizer.param_groups[-1]["lr"]}
     return Launched(step, tuple(terms), values, extra, stepped)
 
 
@@ -453,8 +467,6 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
     t0, base = time.perf_counter(), run.progress.elapsed
     # the step before the one being launched: read one step late, so the host never waits for the GPU
     pending: Launched | None = None
-    # the fp32 matmuls of a step are the SDF MLP's (the colour MLPs run under autocast)
-    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, cfg.sdf_matmul == "tf32"
     try:
         while run.progress.step < cfg.iterations:
             following = pending.step + 1 if pending else run.progress.step
@@ -483,7 +495,6 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
                     raise StageError(f"train: stopped by SIGTERM at step {step + 1}; checkpoint saved, "
                                      "rerun to resume")
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         if bar is not None:
             bar.close()
         if writer is not None:
