@@ -1,12 +1,14 @@
 """Logging set-up and progress bars shared by the CLI, tasks and stages."""
 from __future__ import annotations
 
+import io
 import logging
 import sys
-from typing import Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 T = TypeVar("T")
 LOGGER_NAME = "pipeline"
+LOG_INTERVAL_S = 5.0  # a progress line this often when stderr is a file or a pipe
 
 
 def setup_logging(debug: bool = False) -> logging.Logger:
@@ -20,10 +22,36 @@ def setup_logging(debug: bool = False) -> logging.Logger:
     return log
 
 
-def progress(iterable: Iterable[T], enabled: bool = True, **kwargs) -> Iterable[T]:
-    """A tqdm bar on stderr, or the plain iterable when progress is off."""
-    if not enabled:
-        return iterable
+class _Lines(io.TextIOBase):
+    """tqdm's output as whole lines, for a stderr that is not a terminal: the carriage-return
+    redraws of a bar would pile up in a log file as one endless line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable: Iterable[T] | None = None, enabled: bool = True, **kwargs) -> Any:
+    """A tqdm bar on stderr: redrawn in place on a terminal; elsewhere (a log file, a pipe) one
+    line every ``LOG_INTERVAL_S`` seconds. Disabled, it still counts but prints nothing."""
     from tqdm import tqdm
 
-    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
+    stream = sys.stderr
+    if stream is not None and stream.isatty():
+        style = {"file": stream, "dynamic_ncols": True}
+    else:
+        style = {"file": _Lines(stream or sys.__stderr__), "mininterval": LOG_INTERVAL_S, "ncols": 100}
+    return tqdm(iterable, disable=not enabled, leave=False, **{**style, **kwargs})
+
+
+def progress(iterable: Iterable[T], enabled: bool = True, **kwargs) -> Iterable[T]:
+    """A progress bar over ``iterable`` (see ``progress_bar``), or the plain iterable when off."""
+    return progress_bar(iterable, **kwargs) if enabled else iterable

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.dag import Context
 from pipeline.errors import InputError
+from pipeline.log import progress
 from stages.frames import frame_name, measure_grey, save_jpeg_atomic, scaled_size
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
@@ -37,8 +38,6 @@ class _Photo:
 
 def extract_photos(folder: Path, cfg: Any, img_dir: Path, ctx: Context) -> dict:
     """Write the photos of ``folder`` to ``img_dir``; return the frames.json content."""
-    from tqdm import tqdm
-
     listed = list_images(folder, ctx.log)
     photos = [p for p in (_read_header(name, path, ctx.log) for name, path in listed) if p]
     small = [p.name for p in photos if min(p.size) < cfg.min_side]
@@ -51,7 +50,7 @@ def extract_photos(folder: Path, cfg: Any, img_dir: Path, ctx: Context) -> dict:
     target = choose_size(photos, cfg.mixed_sizes, folder, ctx.log)
     out_size = scaled_size(*target, cfg.max_side)
     records, failed = [], []
-    for photo in tqdm(photos, unit="photo", desc="frames", disable=not ctx.progress):
+    for photo in progress(photos, ctx.progress, unit="photo", desc="frames"):
         try:
             rgb = load_photo(photo.path, out_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "skip this file"

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.dag import Context
 from pipeline.errors import InputError
+from pipeline.log import progress_bar
 from stages.frames import (MIN_TEXTURE_STD, compute_thumbnail, frame_name,
                            is_duplicate, measure_grey, resize_max_side,
                            save_jpeg_atomic)
@@ -139,11 +140,9 @@ def decode_frames(container, stream, path: Path, log) -> Iterator[tuple[int, Any
 
 def _select(container, stream, path, cfg, img_dir, ctx, total, windows, fps):
     """The streaming pass: track the best frame per window, write it when the window ends."""
-    from tqdm import tqdm
-
     sel, best, current = _Selection(), None, -1
     stats = {"decoded": 0, "blank": 0}
-    bar = tqdm(total=total, unit="frame", desc=f"frames {path.name}", disable=not ctx.progress)
+    bar = progress_bar(total=total, enabled=ctx.progress, unit="frame", desc=f"frames {path.name}")
     with bar:
         for index, frame in decode_frames(container, stream, path, ctx.log):
             stats["decoded"] = index + 1

@@ -138,16 +138,24 @@ def test_nonfinite_loss_reloads_halves_lr_then_fails(scene, tmp_path, determinis
         run_stage(inputs, cfg, tmp_path / "b", ctx(), hook=always_nan_at_3)
 
 
+@pytest.fixture
+def eager_random():
+    """Compiled graphs draw random numbers as eager code does. torch's own config patcher, not
+    monkeypatch: pytest 9.2 deletes a config module's entry on undo, breaking the next test."""
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
 @pytest.mark.parametrize("train_mode", ["object", "scene"])
-def test_compiled_step_equals_the_eager_step(scene, tmp_path, monkeypatch, caplog, train_mode):
+def test_compiled_step_equals_the_eager_step(scene, tmp_path, eager_random, caplog, train_mode):
     """On CUDA, rendering + losses run as one torch.compile graph: here on the CPU (inductor's
     C++ backend), with eager random numbers, it must give the eager run's loss curve, with one
     graph for the whole run (no recompile when a schedule value changes) and no fallback; in
     scene mode too (background field, depth-sorted compositing)."""
     import torch._dynamo
-    import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     inputs, _ = scene
     curves = {}
     for mode in ("off", "on"):
@@ -170,16 +178,14 @@ def test_compiled_step_equals_the_eager_step(scene, tmp_path, monkeypatch, caplo
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("train_mode,amp", [("object", "auto"), ("scene", "auto"), ("object", "fp16")])
-def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, monkeypatch, train_mode, amp):
+def test_cuda_graph_step_equals_the_compiled_step_and_recovers(scene, tmp_path, eager_random, train_mode, amp):
     """On CUDA the compiled step replays as CUDA graphs: the same loss curve as without them
     (eager random numbers; atomics leave float noise), no graph skipped, and a non-finite loss is
     still undone by the checkpoint reload (parameters copied in place, optimiser state replaced);
     in scene mode too (background field), and with fp16 autocast (its GradScaler outside the graph)."""
     import torch._dynamo
-    import torch._inductor.config
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     inputs, _ = scene
     cuda = Context(scene="test", device="cuda", progress=False, log=logging.getLogger("test_train"))
     base = {**TINY, "compile": "on", "holdout_eval_views": 0, "mode": train_mode, "amp": amp}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import StageError
+from pipeline.log import progress_bar
 from stages.train import checkpoint, losses, schedule
 from stages.train.data import SceneData
 from stages.train.fields import NeuSModel
@@ -462,8 +463,7 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
     writer = _writer(out_dir / "tb", log) if run.main else None
     bar = None
     if show_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.iterations, initial=run.progress.step, desc="train", leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=cfg.iterations, initial=run.progress.step, desc="train")
     t0, base = time.perf_counter(), run.progress.elapsed
     # the step before the one being launched: read one step late, so the host never waits for the GPU
     pending: Launched | None = None
