@@ -1,12 +1,14 @@
 """Stage 7, cleanup: ``mesh_raw.ply`` -> a clean, closed, outward, coloured mesh
 (``mesh.ply``, ``mesh.obj``, ``mesh.glb``; a UV texture when asked) and ``cleanup.json``.
 
-Steps: duplicates and null faces out; small components out (diagonal below a share of the
-largest component's); faces culled that project outside the masks in most views that see
-them, then small components again; non-manifold edges and vertices repaired; holes up to
-``max_hole_edges`` closed; faces oriented coherently and each closed component outward
-(signed volume); optional quadric decimation and Taubin smoothing; vertex colours from the
-images (``stages.colour``), falling back to the raw mesh colours.
+Steps: coincident vertices welded (as viewers weld them on load, see
+``stages.cleanup_topology``), duplicates and null faces out; small components out (diagonal
+below a share of the largest component's); faces culled that project outside the masks in
+most views that see them, then small components again; faces at non-manifold edges and
+vertices removed; holes up to ``max_hole_edges`` closed; faces oriented coherently and each
+closed component outward (signed volume); optional quadric decimation and Taubin smoothing,
+then a weld again; vertex colours from the images (``stages.colour``), falling back to the
+raw mesh colours. ``cleanup.json``'s topology is that of the welded mesh.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import numpy as np
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
+from stages.cleanup_topology import components, make_manifold, topology, weld
 
-VERSION = "1"
+VERSION = "2"  # 2: topology measured, and the mesh repaired, after welding coincident vertices
 PUBLISH = ("mesh.ply", "mesh.obj", "mesh.glb")
 MIN_SEEN_SHARE = 0.2  # after culling, a piece with fewer faces seen by enough views is dropped
 GREY = 180  # colour of vertices no view sees and the raw mesh has no colour for
@@ -40,19 +43,6 @@ def load_raw(mesh_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]
     if getattr(m.visual, "kind", None) == "vertex":
         colours = np.asarray(m.visual.vertex_colors)[:, :3].copy()
     return np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64), colours
-
-
-def components(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Connected-component label per face (faces sharing a vertex are connected)."""
-    import scipy.sparse as sp
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(vertices)
-    rows = np.concatenate([faces[:, 0], faces[:, 1]])
-    cols = np.concatenate([faces[:, 1], faces[:, 2]])
-    graph = sp.coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    return labels[faces[:, 0]]
 
 
 def keep_faces(vertices: np.ndarray, faces: np.ndarray, keep: np.ndarray):
@@ -117,42 +107,54 @@ def remove_duplicates(vertices, faces):
     return _arrays(ms)
 
 
+def _close_holes(ms, max_hole_edges: int, close_all: bool) -> int:
+    """Close holes (see ``repair_and_close``), then remove what of the patches is non-manifold.
+    Returns the faces removed."""
+    # newfaceselected=False: selected new faces would make a later decimation do nothing.
+    removed = 0
+    if max_hole_edges > 0:
+        ms.meshing_close_holes(maxholesize=int(max_hole_edges), newfaceselected=False)
+        ms.set_selection_none()
+        removed += make_manifold(ms)
+    if close_all and ms.get_topological_measures()["number_holes"] != 0:
+        ms.meshing_close_holes(maxholesize=3 * ms.current_mesh().face_number() + 3, newfaceselected=False,
+                               selfintersection=False)
+        ms.set_selection_none()
+        removed += make_manifold(ms)
+    return removed
+
+
 def repair_and_close(vertices, faces, max_hole_edges: int, log=None, close_all: bool = False
                      ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Repair non-manifold edges/vertices, close holes, orient coherently (pymeshlab). Holes up to
+    """Weld coincident vertices; make the mesh two-manifold by removing faces at non-manifold
+    edges and vertices (never splitting a vertex into coincident copies: see
+    ``stages.cleanup_topology``); close holes; orient coherently (pymeshlab). Holes up to
     ``max_hole_edges`` are filled with patches that may not cut the surface; with ``close_all``
-    every hole still open afterwards is filled too, without that check (a watertight result)."""
+    every hole still open afterwards is filled too, without that check (a watertight result).
+    Hole patches that come out non-manifold are removed and their holes closed again."""
     import logging
 
     import pymeshlab
 
     log = log or logging.getLogger("pipeline")
-    ms = _meshset(vertices, faces)
-    for _ in range(3):  # removing a non-manifold edge's faces can leave a non-manifold vertex, and back
-        ms.meshing_repair_non_manifold_edges()
-        ms.meshing_repair_non_manifold_vertices()
-        ms.meshing_remove_unreferenced_vertices()
-        if ms.get_topological_measures()["number_holes"] >= 0:  # -1 while not two-manifold
-            break
+    ms = _meshset(*weld(vertices, faces)[:2])
+    removed = make_manifold(ms)
     before = ms.get_topological_measures()
+    reopened = 0
     try:
-        if max_hole_edges > 0:
-            # newfaceselected=False: selected new faces would make a later decimation do nothing.
-            ms.meshing_close_holes(maxholesize=int(max_hole_edges), newfaceselected=False)
-            ms.set_selection_none()
-            ms.meshing_repair_non_manifold_edges()
-        if close_all and ms.get_topological_measures()["number_holes"] != 0:  # -1: not countable (non-manifold)
-            ms.meshing_close_holes(maxholesize=3 * ms.current_mesh().face_number() + 3, newfaceselected=False,
-                                   selfintersection=False)
-            ms.set_selection_none()
-            ms.meshing_repair_non_manifold_edges()
+        for _ in range(3):  # a patch removed as non-manifold leaves a hole to close again
+            more = _close_holes(ms, max_hole_edges, close_all)
+            reopened += more
+            if not more:
+                break
         ms.meshing_re_orient_faces_coherently()
     except pymeshlab.PyMeshLabException as exc:  # e.g. a non-orientable piece: keep what we have
         log.warning("cleanup: hole closing / orientation stopped early (%s)", str(exc).splitlines()[0])
     after = ms.get_topological_measures()
     holes = max(int(before["number_holes"]) - int(after["number_holes"]), 0)
+    added = int(after["faces_number"]) - int(before["faces_number"]) + reopened
     return *_arrays(ms), {"holes_before": int(before["number_holes"]), "holes_closed": holes,
-                          "faces_added_by_hole_closing": int(after["faces_number"]) - int(before["faces_number"])}
+                          "faces_removed_by_repair": removed + reopened, "faces_added_by_hole_closing": added}
 
 
 def decimate_and_smooth(vertices, faces, target_faces: int, taubin_steps: int):
@@ -166,23 +168,21 @@ def decimate_and_smooth(vertices, faces, target_faces: int, taubin_steps: int):
     return _arrays(ms)
 
 
-def topology(vertices: np.ndarray, faces: np.ndarray) -> dict:
-    """Watertightness, components, boundary loops, Euler characteristic, genus, volume."""
-    import trimesh
-
-    m = trimesh.Trimesh(vertices, faces, process=False)
-    edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
-    uniq, counts = np.unique(edges, axis=0, return_counts=True)
-    n_comp = len(np.unique(components(vertices, faces))) if len(faces) else 0
-    boundary = uniq[counts == 1]
-    loops = len(np.unique(components(vertices, np.c_[boundary, boundary[:, :1]]))) if len(boundary) else 0
-    euler = len(np.unique(faces)) - len(uniq) + len(faces)
-    manifold = bool((counts <= 2).all())
-    return {"watertight": bool(m.is_watertight), "components": n_comp, "boundary_loops": loops,
-            "manifold_edges": manifold, "euler_characteristic": int(euler),
-            "genus": int((2 * n_comp - loops - euler) // 2) if manifold else None,
-            "volume": float(m.volume) if m.is_watertight else None,
-            "area": float(m.area)}
+def weld_again(vertices, faces, cfg, log) -> tuple[np.ndarray, np.ndarray, int]:
+    """Weld as the saved file is welded on load (decimation and smoothing move vertices); when
+    that merges vertices or leaves the mesh not two-manifold, repair and close once more.
+    Returns vertices, faces and the vertices merged."""
+    v, f, merged = weld(vertices, faces)
+    manifold = bool(_meshset(v, f).get_topological_measures()["is_mesh_two_manifold"])
+    if merged == 0 and manifold:
+        return v, f, 0
+    log.info("cleanup: after decimation/smoothing %d vertices merged, two-manifold=%s; repairing again",
+             merged, manifold)
+    v, f = remove_duplicates(v, f)
+    v, f, _ = repair_and_close(v, f, cfg.max_hole_edges, log, cfg.close_all_holes)
+    f, _ = orient_outward(v, f)
+    v, f, _ = weld(v, f)
+    return v, f, merged
 
 
 def colour_vertices(vertices, faces, views, raw_vertices, raw_colours, progress: bool):
@@ -301,9 +301,10 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     raw_v, raw_f, raw_colours = load_raw(inputs["mesh"])
     report: dict = {"input_vertices": len(raw_v), "input_faces": len(raw_f)}
     views = load_views(inputs["sfm"], inputs.get("masks"), cfg.max_views)
-    v, f = remove_duplicates(raw_v, raw_f)
+    v, f, welded = weld(raw_v, raw_f)  # coincident vertices would merge on load: repair what that breaks
+    v, f = remove_duplicates(v, f)
     v, f, removed = remove_small_components(v, f, cfg.min_component_ratio)
-    report.update(faces_culled=0, faces_unseen=None, cull="off")
+    report.update(vertices_welded=welded, faces_culled=0, faces_unseen=None, cull="off")
     if cfg.cull and views.mask_dir is None:
         report["cull"] = "skipped: no masks"
         ctx.log.info("cleanup: no masks, faces are not culled")
@@ -320,14 +321,16 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     faces_before = len(f)
     v, f = decimate_and_smooth(v, f, cfg.target_faces, cfg.taubin_steps)
     f, more_flipped = orient_outward(v, f)
+    v, f, welded_late = weld_again(v, f, cfg, ctx.log)
     report.update(holes, components_removed=removed, components_flipped=flipped + more_flipped,
-                  faces_before_decimation=faces_before)
+                  faces_before_decimation=faces_before, vertices_welded_after_decimation=welded_late)
     colours, seen_share = _colours(v, f, views, raw_v, raw_colours, cfg, ctx)
     texture = _texture(v, f, views, colours, cfg, ctx) if cfg.texture else None
     files = write_outputs(out_dir, v, f, colours, texture)
     report.update(topology(v, f), vertices=len(v), faces=len(f), vertices_seen_share=round(seen_share, 4),
                   textured=texture is not None, files=files, seconds=round(time.perf_counter() - t0, 3))
     atomic_write_json(out_dir / "cleanup.json", report)
-    ctx.log.info("cleanup: %d faces, %d components removed, %d culled, %d holes closed, watertight=%s",
-                 len(f), removed, report["faces_culled"], report["holes_closed"], report["watertight"])
+    ctx.log.info("cleanup: %d faces, %d components removed, %d culled, %d holes closed, watertight=%s, manifold=%s",
+                 len(f), removed, report["faces_culled"], report["holes_closed"], report["watertight"],
+                 report["manifold"])
     return report

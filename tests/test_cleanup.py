@@ -177,3 +177,113 @@ def test_everything_culled_is_an_error(scene, tmp_path):
     slab = _junk()[2]
     with pytest.raises(StageError, match="nothing is left of the mesh"):
         _run(tmp_path, slab, scene)
+
+
+# ---------------------------------------------------------------- welded topology
+
+def _touching_blobs(contact: str) -> trimesh.Trimesh:
+    """skimage marching cubes of two blobs whose surfaces touch exactly on the grid: two spheres
+    at one grid vertex, or two capped cylinders along a grid line (the SDF is exactly 0 there).
+    Each sheet gets its own vertices at the contact: closed by index, not once welded. Scaled
+    to about 0.6 across, centred on the origin."""
+    from skimage.measure import marching_cubes
+
+    n, c, r = 21, 10, 3.7
+    g = np.mgrid[0:n, 0:n, 0:n].astype(np.float64)
+    if contact == "vertex":
+        sdf = [np.linalg.norm(g - np.array([c + s * r, c, c])[:, None, None, None], axis=0) - r for s in (-1, 1)]
+    else:
+        sdf = [np.maximum(np.hypot(g[0] - c - s * r, g[1] - c) - r, np.abs(g[2] - c) - 4.5) for s in (-1, 1)]
+    vol = np.minimum(*sdf)
+    vol[c, c, c] = 0.0
+    if contact == "edge":
+        vol[c, c, c - 4:c + 5] = 0.0
+    v, f, _, _ = marching_cubes(vol, 0.0)
+    return trimesh.Trimesh((v - c) * 0.03, f, process=False)
+
+
+def _edge_face_counts(mesh: trimesh.Trimesh) -> np.ndarray:
+    edges = np.sort(mesh.faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    return np.unique(edges, axis=0, return_counts=True)[1]
+
+
+def _assert_report_measured_on(info: dict, mesh: trimesh.Trimesh) -> None:
+    """``cleanup.json``'s topology equals what the welded, loaded ``mesh`` shows."""
+    assert mesh.is_watertight and (_edge_face_counts(mesh) == 2).all()
+    assert info["watertight"] and info["manifold"] and info["non_manifold_edges"] == 0
+    assert info["non_manifold_vertices"] == 0 and info["boundary_loops"] == 0
+    assert len(mesh.split(only_watertight=False)) == mesh.body_count == info["components"]
+    assert mesh.euler_number == info["euler_characteristic"] == 2 * info["components"] - 2 * info["genus"]
+    assert len(mesh.vertices) == info["vertices"] == info["welded_vertices"] and len(mesh.faces) == info["faces"]
+    assert mesh.volume == pytest.approx(info["volume"], rel=1e-6)
+    measured = cleanup.topology(mesh.vertices, mesh.faces)
+    assert {k: v for k, v in measured.items() if not isinstance(v, float)} == \
+        {k: info[k] for k, v in measured.items() if not isinstance(v, float)}
+
+
+@pytest.mark.parametrize("contact", ["edge", "vertex"])
+def test_touching_blobs_are_manifold_once_welded(scene, tmp_path, contact):
+    raw = _touching_blobs(contact)
+    assert raw.is_watertight and (_edge_face_counts(raw) == 2).all()  # closed by index...
+    welded = trimesh.Trimesh(raw.vertices, raw.faces)  # ...but trimesh's default weld merges the contact
+    assert len(welded.vertices) < len(raw.vertices) and _edge_face_counts(welded).max() >= 4
+    out, report = _run(tmp_path, raw, scene, masks=False)
+    info = json.loads((out / "cleanup.json").read_text())
+    assert report["vertices_welded"] == len(raw.vertices) - len(welded.vertices)
+    assert info["components"] == 2 and info["genus"] == 0  # the contact cut out, each blob closed
+    for name in ("mesh.ply", "mesh.obj"):
+        mesh = trimesh.load(out / name, process=True, force="mesh")
+        _assert_report_measured_on(info, mesh)
+        assert abs(mesh.volume / welded.volume - 1) < 0.02  # patches over the contact, nothing lost
+    assert len(trimesh.load(out / "mesh.glb", force="mesh").faces) == info["faces"]
+
+
+def test_topology_is_measured_welded():
+    """Two cubes sharing one corner vertex by position only: closed and two pieces by index,
+    one piece with a non-manifold vertex once welded."""
+    a = trimesh.creation.box()
+    b = a.copy().apply_translation([1.0, 1.0, 1.0])
+    v, f = np.vstack([a.vertices, b.vertices]), np.vstack([a.faces, b.faces + len(a.vertices)])
+    topo = cleanup.topology(v, f)
+    assert topo["watertight"] and topo["components"] == 1 and topo["non_manifold_vertices"] == 1
+    assert not topo["manifold"] and topo["genus"] is None and topo["welded_vertices"] == 15
+    fixed_v, fixed_f, _ = cleanup.repair_and_close(v, f, max_hole_edges=20, close_all=True)
+    fixed = cleanup.topology(fixed_v, cleanup.orient_outward(fixed_v, fixed_f)[0])
+    assert fixed["manifold"] and fixed["watertight"] and fixed["components"] == 2 and fixed["genus"] == 0
+
+
+def test_weld_again_repairs_what_a_late_weld_breaks():
+    """Vertices that come to coincide after decimation/smoothing: the last weld merges them and
+    repairs the non-manifold edges that leaves."""
+    import logging
+
+    raw = _touching_blobs("edge")
+    cfg = CleanupConfig()
+    v, f, merged = cleanup.weld_again(np.asarray(raw.vertices), np.asarray(raw.faces), cfg, logging.getLogger("t"))
+    assert merged == len(raw.vertices) - len(trimesh.Trimesh(raw.vertices, raw.faces).vertices) > 0
+    topo = cleanup.topology(v, f)
+    assert topo["watertight"] and topo["manifold"] and topo["components"] == 2 and topo["welded_vertices"] == len(v)
+    same_v, same_f, none = cleanup.weld_again(v, f, cfg, logging.getLogger("t"))
+    assert none == 0 and np.array_equal(same_f, f) and np.array_equal(same_v, v)
+
+
+def test_cleaned_files_are_manifold_once_welded(cleaned):
+    out, _ = cleaned
+    info = json.loads((out / "cleanup.json").read_text())
+    for name in ("mesh.ply", "mesh.obj"):
+        _assert_report_measured_on(info, trimesh.load(out / name, process=True, force="mesh"))
+
+
+def test_textured_obj_welds_to_the_cleaned_mesh(scene, tmp_path):
+    """The UV'd OBJ splits vertices along seams; welded regardless of UVs and normals it is the
+    same closed manifold mesh as ``mesh.ply``."""
+    pytest.importorskip("xatlas")
+    out, report = _run(tmp_path, _touching_blobs("edge"), scene, masks=False, texture=True, texture_size=256)
+    assert report["textured"]
+    info = json.loads((out / "cleanup.json").read_text())
+    obj = trimesh.load(out / "mesh.obj", process=True, force="mesh")
+    assert obj.visual.kind == "texture" and len(obj.vertices) > info["vertices"]
+    obj.merge_vertices(merge_tex=True, merge_norm=True)
+    _assert_report_measured_on(info, obj)
+    ply = trimesh.load(out / "mesh.ply", process=True, force="mesh")
+    assert np.allclose(np.sort(obj.vertices, axis=0), np.sort(ply.vertices, axis=0), atol=1e-7)
