@@ -333,4 +333,8 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     ctx.log.info("cleanup: %d faces, %d components removed, %d culled, %d holes closed, watertight=%s, manifold=%s",
                  len(f), removed, report["faces_culled"], report["holes_closed"], report["watertight"],
                  report["manifold"])
+    if not report["manifold"]:
+        ctx.log.warning("cleanup: %s is not two-manifold after welding (%d non-manifold edges, %d vertices); "
+                        "tools that weld on load (trimesh, MeshLab, Blender) will see it so",
+                        out_dir / "mesh.ply", report["non_manifold_edges"], report["non_manifold_vertices"])
     return report
