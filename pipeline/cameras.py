@@ -129,8 +129,10 @@ def load_transforms(path: Path) -> Cameras:
     """Read a ``transforms.json`` with per-file or per-frame intrinsics (fl_x or camera_angle_x)."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read camera file ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: cannot read camera file (JSON nested too deeply)") from None
     try:
         w, h = int(data["w"]), int(data["h"])
         names, Ks, c2ws = [], [], []

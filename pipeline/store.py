@@ -9,21 +9,32 @@ stage, a content fingerprint of the input. No paths, mtimes or operational knobs
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, canonical_json, path_fields
 from pipeline.dag import STAGES, UPSTREAM, Source, closure
-from pipeline.errors import InputError, PipelineError
-from pipeline.fsutil import atomic_write_json, read_json, remove_stale_temp_files, sha256_file
+from pipeline.errors import InputError, PipelineError, one_line
+from pipeline.fsutil import (
+    atomic_write_json,
+    json_unchanged,
+    read_json,
+    remove_stale_temp_files,
+    sha256_file,
+)
 
 KEY_LEN = 12
 MANIFEST = "manifest.json"
@@ -59,21 +70,51 @@ def stage_key(stage: str, version: str, section: dict, upstream: dict[str, str],
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LEN]
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """Regular files under ``root`` (sorted, relative); refuses symlink loops."""
-    files, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            raise InputError(f"{dirpath}: symbolic link loop inside {root}")
-        seen.add(real)
+def _walk_files(root: Path, log: logging.Logger | None = None) -> list[Path]:
+    """Files under ``root`` (sorted, relative) the way stages read an input folder: a symbolic link
+    is followed only to a file inside the folder; a link to a folder inside it is a second path to
+    what is read once under its real path, a link to an ancestor is a loop (an InputError), and a
+    link out of the folder (or a broken one) is left out. ``log`` gets one warning for each kind."""
+    root = Path(root)
+    real_root = Path(os.path.realpath(root))
+    files, again, out = [], [], []
+    for dirpath, dirnames, filenames in os.walk(root):  # linked folders are listed, never entered
+        here = Path(dirpath)
         dirnames.sort()
-        files.extend(Path(dirpath, f).relative_to(root) for f in sorted(filenames))
+        for name in [d for d in dirnames if (here / d).is_symlink()]:
+            target = Path(os.path.realpath(here / name))
+            if Path(os.path.realpath(here)).is_relative_to(target):
+                raise InputError(f"{here / name}: symbolic link loop inside {root}")
+            (again if target.is_relative_to(real_root) else out).append((here / name).relative_to(root))
+        for name in sorted(filenames):
+            full = here / name
+            if full.is_symlink():
+                target = Path(os.path.realpath(full))
+                if not (target.is_file() and target.is_relative_to(real_root)):
+                    out.append(full.relative_to(root))
+                    continue
+            files.append(full.relative_to(root))
+    if log and again:
+        log.warning("%s: %s to folders inside it, whose files are read once under their real paths: %s", root,
+                    _links(again), ", ".join(p.as_posix() for p in again))
+    if log and out:
+        log.warning("%s: not reading %s pointing outside it or nowhere: %s", root, _links(out),
+                    ", ".join(p.as_posix() for p in out))
     return files
 
 
+def _links(items: list) -> str:
+    return "a symbolic link" if len(items) == 1 else f"{len(items)} symbolic links"
+
+
+def input_files(root: Path) -> list[Path]:
+    """The files of an input folder that its fingerprint covers and that stages copy (see
+    ``_walk_files``); skipped links are reported on the pipeline logger."""
+    return _walk_files(root, logging.getLogger("pipeline"))  # pipeline.log.LOGGER_NAME
+
+
 def fingerprint_path(path: Path) -> str:
-    """Content fingerprint of a file or a folder: names, sizes and sha256 of every file."""
+    """Content fingerprint of a file or a folder: names, sizes and sha256 of ``input_files``."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -81,10 +122,9 @@ def fingerprint_path(path: Path) -> str:
     if path.is_file():
         h.update(f"{path.stat().st_size}:{sha256_file(path)}".encode())
         return h.hexdigest()
-    for rel in _walk_files(path):
+    for rel in input_files(path):
         full = path / rel
-        if full.is_file():
-            h.update(f"{rel.as_posix()}:{full.stat().st_size}:{sha256_file(full)}\n".encode())
+        h.update(f"{rel.as_posix()}:{full.stat().st_size}:{sha256_file(full)}\n".encode())
     return h.hexdigest()
 
 
@@ -109,6 +149,7 @@ def make_plan(scene: str, source: Source, cfg: PipelineConfig, until: str) -> di
     avail = available_stages()
     if until not in avail:
         raise PipelineError(f"stage '{until}' is not available (available: {', '.join(avail)})")
+    check_scene_name(scene)
     fingerprint = source_fingerprint(source)
     keys: dict[str, str] = {}
     for stage in closure(until):
@@ -117,6 +158,58 @@ def make_plan(scene: str, source: Source, cfg: PipelineConfig, until: str) -> di
                                 upstream, fingerprint if not UPSTREAM[stage] else "")
     return {"scene": scene, "source": dataclasses.asdict(source), "config": cfg.to_dict(),
             "until": until, "keys": keys}
+
+
+def check_scene_name(scene: str) -> None:
+    """A scene name is one plain folder name inside the workdir: no separators, not ``.`` or
+    ``..``, no leading dot (the workdir's own hidden entries), no control characters."""
+    if not scene or scene in (".", "..") or scene.startswith(".") or "/" in scene or os.sep in scene \
+            or (os.altsep and os.altsep in scene) or not scene.isprintable() or len(scene.encode()) > 200:
+        raise InputError(f"scene name '{one_line(scene)}': must be one plain folder name (no '/', not '.' or "
+                         "'..', not starting with '.', no control characters, at most 200 bytes)")
+
+
+def check_workdir(workdir: Path) -> None:
+    """``workdir`` is a folder, or can become one: its nearest existing ancestor is a folder."""
+    workdir = Path(workdir)
+    for path in (workdir, *workdir.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            what = "the workdir" if path == workdir else f"a parent of the workdir {workdir}"
+            raise InputError(f"{path}: {what} is a file, not a folder; give --workdir a folder")
+
+
+def check_scene_folder(workdir: Path, scene: str) -> None:
+    """``<workdir>/<scene>`` is a folder or does not exist yet."""
+    folder = scene_dir(workdir, scene)
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise InputError(f"{folder}: the folder of scene '{scene}' is a file; move it away or pick "
+                         "another --scene")
+
+
+def check_writable(folder: Path) -> None:
+    """Raise a one-line error when ``folder`` (or, while it does not exist, its nearest existing
+    ancestor) cannot be written: read-only mount, or no write permission."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: not writable (read-only file system or no write permission), and this run "
+                         "has stages to compute; make it writable or give another --workdir")
+
+
+@contextlib.contextmanager
+def writing(where: Path) -> Iterator[None]:
+    """A permission or read-only error while the block writes the run's bookkeeping under
+    ``where`` becomes a one-line InputError naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise InputError(f"{exc.filename or where}: cannot write ({exc.strerror}); the workdir must be "
+                         "writable when a run has work to do") from None
 
 
 def scene_dir(workdir: Path, scene: str) -> Path:
@@ -162,26 +255,53 @@ def verify(folder: Path) -> list[str]:
 
 def save_plan(workdir: Path, plan: dict) -> None:
     """Write the scene's plan as a run starts, and drop temporary files that killed runs left in
-    the scene folder (plan, published copies, error reports) a minute or more ago."""
+    the scene folder (plan, published copies, error reports) a minute or more ago. Nothing is
+    written when the same plan is already there (a rerun with nothing to do writes nothing)."""
     folder = scene_dir(workdir, plan["scene"])
     folder.mkdir(parents=True, exist_ok=True)
     for sub in (folder, folder / ".errors"):
         remove_stale_temp_files(sub, older_than=STALE_TEMP_SECONDS, recursive=False)
-    atomic_write_json(folder / PLAN, plan)
+    if not json_unchanged(folder / PLAN, plan):
+        atomic_write_json(folder / PLAN, plan)
 
 
 def save_done_plan(workdir: Path, plan: dict) -> None:
     """Remember the plan of a run that finished (a later failed or changed run replaces plan.json)."""
-    atomic_write_json(scene_dir(workdir, plan["scene"]) / DONE_PLAN, plan)
+    path = scene_dir(workdir, plan["scene"]) / DONE_PLAN
+    if not json_unchanged(path, plan):
+        atomic_write_json(path, plan)
 
 
-def load_plans(workdir: Path, name: str = PLAN) -> dict[str, dict]:
+def read_plan(path: Path) -> dict:
+    """A scene's ``plan.json`` (or ``plan_done.json``), checked: a JSON object whose ``keys`` map
+    known stage names to stage keys. Raise InputError naming the file otherwise."""
+    try:
+        plan = read_json(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({one_line(str(exc))}); remove it, or rerun the scene "
+                         "to write a new one") from None
+    keys = plan.get("keys") if isinstance(plan, dict) else None
+    if not isinstance(keys, dict) or not all(
+            stage in STAGES and isinstance(key, str) and re.fullmatch(f"[0-9a-f]{{{KEY_LEN}}}", key)
+            for stage, key in keys.items()):
+        raise InputError(f"{path}: not a valid plan (expected a JSON object whose \"keys\" map stage names to "
+                         f"{KEY_LEN}-digit hex keys); remove it, or rerun the scene to write a new one")
+    return plan
+
+
+def load_plans(workdir: Path, name: str = PLAN, on_bad=None) -> dict[str, dict]:
+    """{scene: plan} of every scene folder that has a ``name`` file. A damaged file raises
+    InputError, or, with ``on_bad``, is reported to ``on_bad(message)`` and left out."""
     plans = {}
     for path in sorted(Path(workdir).glob(f"*/{name}")):
         try:
-            plans[path.parent.name] = read_json(path)
-        except (OSError, ValueError):
-            continue
+            plans[path.parent.name] = read_plan(path)
+        except InputError as exc:
+            if on_bad is None:
+                raise
+            on_bad(str(exc))
     return plans
 
 

@@ -1,12 +1,14 @@
 """Frames from a photo folder: EXIF-rotated RGB JPEGs of one size, in file-name order.
 
-Two passes: headers first (size after EXIF orientation, to pick the common size), then one
-photo at a time is decoded, at reduced scale where the format allows (JPEG ``draft``), so
-huge photos never sit in memory at full size more than once.
+Two passes: headers first (size after EXIF orientation, to pick the common size; a photo whose
+decode would not fit ``frames.MAX_DECODE_BYTES`` is skipped there), then one photo at a time is
+decoded, at reduced scale where the format allows (JPEG ``draft``), so huge photos never sit in
+memory at full size more than once. In a folder of 3 photos or more, exact and near duplicates of
+an earlier photo (the video's ``frames.dedup_threshold`` test, against every kept photo) are
+dropped, and fewer than 3 distinct ones is an error.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -20,12 +22,15 @@ import numpy as np
 from pipeline.dag import Context
 from pipeline.errors import InputError
 from pipeline.log import progress
-from stages.frames import frame_name, measure_grey, save_jpeg_atomic, scaled_size
+from stages.frames import (MAX_DECODE_BYTES, compute_thumbnail, decode_bytes, describe, frame_name,
+                           is_duplicate_of_any, measure_grey, open_image, save_jpeg_atomic, scaled_size,
+                           to_8bit)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 ASPECT_TOLERANCE = 0.01  # relative aspect difference above which a photo is center-cropped
-MAX_PIXELS = 1_000_000_000  # PIL's decompression-bomb limit while reading photos
-MAX_FULL_DECODE = 250_000_000  # pixels of a photo PIL cannot decode at reduced scale (not JPEG)
+JPEG_DRAFT_AREA = 64  # a JPEG decodes at down to 1/8 scale: 1/64 of the pixels
+MIN_DISTINCT_PHOTOS = 3  # fewer distinct photos once repeats are dropped is an error (SfM needs 3 views);
+#                          a folder of fewer photos than this is not de-duplicated (2 photos is the minimum)
 _ORIENTATION_TAG = 0x0112
 
 
@@ -49,20 +54,18 @@ def extract_photos(folder: Path, cfg: Any, img_dir: Path, ctx: Context) -> dict:
         raise InputError(f"no usable images in {folder} (jpg, jpeg, png, tif, tiff)")
     target = choose_size(photos, cfg.mixed_sizes, folder, ctx.log)
     out_size = scaled_size(*target, cfg.max_side)
-    records, failed = [], []
-    for photo in progress(photos, ctx.progress, unit="photo", desc="frames"):
-        try:
-            rgb = load_photo(photo.path, out_size)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure means "skip this file"
-            failed.append(f"{photo.name} ({exc})")
-            continue
-        name = frame_name(len(records))
-        save_jpeg_atomic(rgb, img_dir.parent / name, cfg.jpeg_quality)
-        _, sharpness, _ = measure_grey(_grey(rgb))
-        records.append({"file": name, "source_file": photo.name, "sharpness": round(sharpness, 3)})
+    dedup = cfg.dedup_threshold if len(photos) >= MIN_DISTINCT_PHOTOS else 0.0  # 2 photos: taken as given
+    records, failed, repeats = _write_photos(photos, out_size, cfg.jpeg_quality, dedup, img_dir, ctx)
     if failed:
         ctx.log.warning("frames: skipped %d photos that failed to decode: %s", len(failed),
                         "; ".join(failed))
+    if repeats:
+        ctx.log.warning("frames: dropped %d photos that repeat an earlier one (frames.dedup_threshold=%g): %s",
+                        len(repeats), cfg.dedup_threshold, _abbreviate(repeats, 6))
+        if len(records) < MIN_DISTINCT_PHOTOS:
+            raise InputError(f"{folder}: fewer than {MIN_DISTINCT_PHOTOS} distinct photos ({len(records)} distinct "
+                             f"of {len(photos)}; the others repeat them); photograph the object from more "
+                             "viewpoints")
     if len(records) < 2:
         raise InputError(f"{folder}: need at least 2 usable photos, found {len(records)}")
     ctx.log.info("frames: kept %d of %d photos in %s, %dx%d", len(records), len(listed),
@@ -70,6 +73,36 @@ def extract_photos(folder: Path, cfg: Any, img_dir: Path, ctx: Context) -> dict:
     return {"source_kind": "images", "source_file": folder.name, "width": out_size[0],
             "height": out_size[1], "num_source_frames": len(listed), "fps": None,
             "frames": records}
+
+
+def _write_photos(photos: list[_Photo], out_size: tuple[int, int], quality: int, dedup: float,
+                  img_dir: Path, ctx: Context) -> tuple[list[dict], list[str], list[str]]:
+    """Decode, de-duplicate (mean abs thumbnail difference below ``dedup`` to any kept photo) and
+    write the photos: (frame records, decode failures, repeats)."""
+    records, failed, repeats, thumbs = [], [], [], []
+    for photo in progress(photos, ctx.progress, unit="photo", desc="frames"):
+        try:
+            rgb = load_photo(photo.path, out_size)
+        except InputError:  # values that cannot be read right (float range, NaN): say so, do not guess
+            raise
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means "skip this file"
+            failed.append(f"{photo.name} ({exc})")
+            continue
+        small, sharpness, _ = measure_grey(_grey(rgb))
+        thumb = compute_thumbnail(small)
+        same = is_duplicate_of_any(thumb, thumbs, dedup)
+        if same is not None:
+            repeats.append(f"{photo.name} (= {records[same]['source_file']})")
+            continue
+        name = frame_name(len(records))
+        save_jpeg_atomic(rgb, img_dir.parent / name, quality)
+        records.append({"file": name, "source_file": photo.name, "sharpness": round(sharpness, 3)})
+        thumbs.append(thumb)
+    return records, failed, repeats
+
+
+def _abbreviate(items: list[str], n: int) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def natural_key(name: str) -> list:
@@ -88,7 +121,7 @@ def list_images(folder: Path, log) -> list[tuple[str, Path]]:
     root = folder.resolve()
     with os.scandir(root) as it:
         entries = sorted(it, key=lambda e: natural_key(e.name))
-    found, ignored, links = [], [], []
+    found, ignored, links, folders = [], [], [], []
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -98,6 +131,7 @@ def list_images(folder: Path, log) -> list[tuple[str, Path]]:
             links.append(entry.name)
             continue
         if real.is_dir():
+            folders.append(entry.name)  # photo folders are not searched recursively
             continue
         if not real.is_relative_to(root):
             links.append(entry.name)
@@ -112,38 +146,27 @@ def list_images(folder: Path, log) -> list[tuple[str, Path]]:
         log.warning("frames: skipped %d broken, looping or outside-pointing links in %s: %s",
                     len(links), folder, ", ".join(links))
     if not found:
-        raise InputError(f"no images in {folder} (jpg, jpeg, png, tif, tiff)")
+        hint = f"; its folders ({_abbreviate(folders, 4)}) are not searched: give one of them" if folders else ""
+        raise InputError(f"no images in {folder} (jpg, jpeg, png, tif, tiff){hint}")
     return found
 
 
-@contextlib.contextmanager
-def _pixel_limit():
-    """Let PIL open photos up to MAX_PIXELS (they are decoded at reduced scale)."""
-    from PIL import Image
-
-    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
 def _read_header(name: str, path: Path, log) -> _Photo | None:
-    """The photo's size after EXIF orientation, or None (with a warning) if unreadable."""
-    from PIL import Image
-
-    turned = False
+    """The photo's size after EXIF orientation, or None (with a warning) if unreadable or too large."""
+    turned, too_large = False, False
     try:
-        with _pixel_limit(), Image.open(path) as im:
-            (w, h), fmt = im.size, im.format
-            if w * h <= MAX_FULL_DECODE or fmt == "JPEG":
+        with open_image(path) as im:
+            (w, h), what = im.size, describe(im)
+            need = decode_bytes(im) // (JPEG_DRAFT_AREA if im.format == "JPEG" else 1)
+            too_large = need > MAX_DECODE_BYTES
+            if not too_large:
                 turned = _orientation(im) in (5, 6, 7, 8)
     except Exception as exc:  # noqa: BLE001 - any header failure means "skip this file"
         log.warning("frames: skipped %s: not a readable image (%s)", name, exc)
         return None
-    if w * h > MAX_FULL_DECODE and fmt != "JPEG":
-        log.warning("frames: skipped %s: %dx%d %s is too large to decode in memory; convert it to JPEG "
-                    "or downscale it", name, w, h, fmt)
+    if too_large:
+        log.warning("frames: skipped %s: %s is too large to decode in memory (%d MB decoded, limit %d MB); "
+                    "convert it to JPEG or downscale it", name, what, need >> 20, MAX_DECODE_BYTES >> 20)
         return None
     return _Photo(name, path, (h, w) if turned else (w, h))
 
@@ -191,17 +214,17 @@ def _crop_box(size: tuple[int, int], aspect: float) -> tuple[int, int, int, int]
 def load_photo(path: Path, out_size: tuple[int, int]) -> np.ndarray:
     """Decode, EXIF-rotate, center-crop to the aspect of ``out_size`` and resize to it (RGB)."""
     import cv2
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     aspect = out_size[0] / out_size[1]
-    with _pixel_limit(), Image.open(path) as im:
+    with open_image(path) as im:
         turned = _orientation(im) in (5, 6, 7, 8)
         oriented = im.size[::-1] if turned else im.size
         box = _crop_box(oriented, aspect)
         scale = out_size[0] / (box[2] - box[0])
         if scale < 1.0:  # JPEG decodes at 1/2, 1/4 or 1/8 scale when that is enough
             im.draft(None, (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
-        img = _to_rgb(ImageOps.exif_transpose(im))
+        img = to_8bit(ImageOps.exif_transpose(im), path).convert("RGB")
     box = _crop_box(img.size, aspect)
     if box != (0, 0, *img.size):
         img = img.crop(box)
@@ -212,18 +235,6 @@ def load_photo(path: Path, out_size: tuple[int, int]) -> np.ndarray:
     if (rgb.shape[1], rgb.shape[0]) != out_size:
         rgb = cv2.resize(rgb, out_size, interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(rgb)
-
-
-def _to_rgb(im):
-    """8-bit RGB from any PIL mode (16-bit and float images are scaled down, not clipped)."""
-    from PIL import Image
-
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        arr = np.asarray(im, dtype=np.float32)
-        if arr.max() > 255:
-            arr = arr / 257.0
-        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return im.convert("RGB")
 
 
 def _grey(rgb: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ from stages.frames import (MIN_TEXTURE_STD, compute_thumbnail, frame_name,
                            save_jpeg_atomic)
 
 MIN_FRAMES_ON_ERROR = 3  # a video that fails midway is kept if at least this many decoded
+MAX_BAD_PACKETS = 200  # undecodable packets skipped in a video before the rest is given up
+MAX_BAD_IN_A_ROW = 20  # ... or this many in a row (a cut-off file's tail)
 _Y_FORMATS = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12",
               "nv21", "gray"}
 
@@ -121,30 +123,50 @@ def grey_of(frame) -> np.ndarray:
     return frame.to_ndarray(format="gray")
 
 
-def decode_frames(container, stream, path: Path, log) -> Iterator[tuple[int, Any]]:
-    """Yield (index, frame); an error midway ends the stream if enough frames came out."""
+def decode_frames(container, stream, path: Path, log, stats: dict | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (index, frame), going on past damage: a packet that fails to decode is skipped and
+    demuxing resumes after it, as long as the resumed decode moves on in time (its first frame has
+    a later timestamp: a stream without timestamps ends at its first error). The end of the data,
+    MAX_BAD_PACKETS bad packets or MAX_BAD_IN_A_ROW in a row end it too. Fewer than
+    MIN_FRAMES_ON_ERROR frames from a damaged stream is an InputError; ``stats["bad_packets"]``
+    gets the number of packets skipped."""
     import av
 
-    index = 0
-    try:
-        for frame in container.decode(stream):
-            yield index, frame
-            index += 1
-    except (av.FFmpegError, EOFError) as exc:
-        if index < MIN_FRAMES_ON_ERROR:
-            reason = getattr(exc, "strerror", None) or exc
-            raise InputError(f"cannot decode video {path}: {reason}") from None
-        log.warning("frames: %s is damaged after frame %d (%s); keeping what decoded",
-                    path.name, index, getattr(exc, "strerror", None) or exc)
+    index, bad, in_a_row, last_pts, reason, stopped = 0, 0, 0, None, "", False
+    while not stopped:
+        stopped, resumed = True, bad > 0
+        try:
+            for frame in container.decode(stream):
+                pts = getattr(frame, "pts", None)
+                if resumed and (pts is None or (last_pts is not None and pts <= last_pts)):
+                    break  # cannot tell that the decode moved on: end here
+                resumed, last_pts, in_a_row = False, pts, 0
+                yield index, frame
+                index += 1
+            else:
+                reason = ""  # the stream ended normally after the skipped packets
+        except (av.FFmpegError, EOFError) as exc:
+            reason = str(getattr(exc, "strerror", None) or exc)
+            bad, in_a_row = bad + 1, in_a_row + 1
+            stopped = isinstance(exc, EOFError) or bad >= MAX_BAD_PACKETS or in_a_row >= MAX_BAD_IN_A_ROW
+    if stats is not None:
+        stats["bad_packets"] = bad
+    if bad and index < MIN_FRAMES_ON_ERROR:
+        raise InputError(f"cannot decode video {path}: {reason or 'damaged packets'}")
+    if reason:
+        log.warning("frames: %s is damaged after frame %d (%s); keeping what decoded", path.name, index, reason)
+    elif bad:
+        log.warning("frames: %s: skipped %d damaged packets that failed to decode; kept the %d frames that "
+                    "decoded", path.name, bad, index)
 
 
 def _select(container, stream, path, cfg, img_dir, ctx, total, windows, fps):
     """The streaming pass: track the best frame per window, write it when the window ends."""
     sel, best, current = _Selection(), None, -1
-    stats = {"decoded": 0, "blank": 0}
+    stats = {"decoded": 0, "blank": 0, "bad_packets": 0}
     bar = progress_bar(total=total, enabled=ctx.progress, unit="frame", desc=f"frames {path.name}")
     with bar:
-        for index, frame in decode_frames(container, stream, path, ctx.log):
+        for index, frame in decode_frames(container, stream, path, ctx.log, stats):
             stats["decoded"] = index + 1
             bar.update(1)
             small, sharpness, std = measure_grey(grey_of(frame))
@@ -160,7 +182,7 @@ def _select(container, stream, path, cfg, img_dir, ctx, total, windows, fps):
                 best = _Candidate(index, frame, sharpness, small)
     if best is not None:
         _keep(best, sel, cfg, img_dir, fps)
-    if stats["decoded"] < 0.9 * total:
+    if stats["decoded"] < 0.9 * total and not stats["bad_packets"]:  # those were reported already
         ctx.log.warning("frames: %s ended after %d of %d frames", path.name, stats["decoded"],
                         total)
     elif stats["decoded"] > 1.1 * total:  # a wrong header count: the last window got the rest

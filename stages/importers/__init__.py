@@ -5,7 +5,10 @@ returns a ``DatasetScene``; ``write_scene`` then writes what the frames stage pr
 ``images/000000.<jpg|png>`` (JPEG and PNG bytes copied as they are; RGBA composited over white),
 ``frames.json``, ``transforms.json`` (``pipeline.cameras.save_transforms``, file_path
 ``images/<name>``), ``masks/<stem>.png`` (uint8 0/255) when the dataset has masks, and ``gt/``
-when the dataset carries a ground-truth mesh in ``<dataset>/gt/``.
+when the dataset carries a ground-truth mesh in ``<dataset>/gt/``. 16-bit and float images are
+brought to 8 bits (``stages.frames.to_8bit``). Every image and mask is checked before anything is
+written: its real path lies inside the dataset folder (a symbolic link out of it is refused), its
+header is readable, of the scene's size and small enough to decode (``frames.MAX_DECODE_BYTES``).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import numpy as np
 from pipeline.cameras import Cameras, cv_from_gl, intrinsics
 from pipeline.dag import Context
 from pipeline.errors import InputError
+from stages.frames import MAX_DECODE_BYTES, copy_input_tree, decode_bytes, describe, open_image, to_8bit
 
 FORMATS = ("neus", "blender", "neuralangelo", "colmap", "omniobject3d_blender", "omniobject3d_video")
 # Formats whose reader is not ``stages.importers.<fmt>.load``: format -> (module, function).
@@ -72,22 +76,39 @@ def read_json(path: Path) -> dict:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object at the top level")
     return data
 
 
 def resolve_inside(root: Path, base: Path, rel: str, owner: Path) -> Path:
-    """``base / rel`` normalised; it must stay inside ``root`` (no ``../`` or absolute escapes).
-
-    The test is lexical (``os.path.normpath``), so a dataset made of symlinks still imports.
-    """
+    """``base / rel`` normalised; it must stay inside ``root`` (no ``../`` or absolute escapes),
+    lexically and, through symbolic links, by its real path (``check_real_inside``)."""
     if not isinstance(rel, str) or not rel:
         raise InputError(f"{owner}: a file_path is missing or not a string ({rel!r})")
     path = Path(os.path.normpath(Path(base) / rel))
     if not path.is_relative_to(Path(os.path.normpath(root))):
         raise InputError(f"{owner}: file_path '{rel}' points outside the dataset folder {root}")
+    check_real_inside(root, path)
     return path
+
+
+def check_real_inside(root: Path, path: Path) -> None:
+    """``path`` (inside ``root`` by name) must not lead out of ``root`` through a symbolic link:
+    the error names the link. Links that stay inside the dataset are fine."""
+    real_root = Path(os.path.realpath(root))
+    if Path(os.path.realpath(path)).is_relative_to(real_root):
+        return
+    link = Path(os.path.normpath(root))
+    inside = Path(os.path.normpath(path))
+    for part in inside.relative_to(link).parts if inside.is_relative_to(link) else ():
+        link = link / part
+        if link.is_symlink() and not Path(os.path.realpath(link)).is_relative_to(real_root):
+            break
+    raise InputError(f"{link}: a symbolic link to {os.path.realpath(link)}, outside the dataset folder {root}; "
+                     "copy what it points to into the dataset")
 
 
 def find_image(root: Path, base: Path, rel: str, owner: Path) -> Path:
@@ -102,18 +123,30 @@ def find_image(root: Path, base: Path, rel: str, owner: Path) -> Path:
     raise InputError(f"{owner}: image '{rel}' not found (looked for {path} with and without an extension)")
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def list_images(folder: Path, root: Path | None = None) -> list[Path]:
+    """The image files in ``folder``, sorted; with ``root``, none may lead out of it (a link)."""
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in found if root is not None else []:
+        check_real_inside(root, path)
+    return found
+
+
+def image_header(path: Path, what: str = "image") -> tuple[int, int]:
+    """The (width, height) of an image from its header; an unreadable file, or one too large to
+    decode in memory (``frames.MAX_DECODE_BYTES``, 16-bit and float samples counted), is an
+    InputError naming it."""
+    try:
+        with open_image(path) as img:
+            if decode_bytes(img) > MAX_DECODE_BYTES:
+                raise InputError(f"{path}: {what} is a {describe(img)}, too large to decode in memory "
+                                 f"({decode_bytes(img) >> 20} MB, limit {MAX_DECODE_BYTES >> 20} MB)")
+            return img.size
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise InputError(f"{path}: {what} is not a readable image ({exc})") from None
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"{path}: cannot read image ({exc})") from None
+    return image_header(path)
 
 
 def check_cameras(K: np.ndarray, c2w: np.ndarray, path: Path) -> None:
@@ -138,21 +171,29 @@ def as_number(value, what: str, path: Path) -> float:
     return out
 
 
-def frame_intrinsics(data: dict, frame: dict, w: int, h: int, path: Path) -> np.ndarray:
+def frame_intrinsics(data: dict, frame: dict, w: int, h: int, path: Path, index: int = 0) -> np.ndarray:
     """instant-ngp / NeRF-synthetic intrinsics: per-frame keys override file keys."""
     def get(key):
         return frame.get(key, data.get(key))
 
+    def focal(key: str, size: int) -> float:
+        where = f"frame {index} {key}" if key in frame else key
+        angle = as_number(get(key), where, path)
+        if not 0.0 < angle < math.pi:
+            raise InputError(f"{path}: {where} is {angle:g}; expected the field of view in radians, between 0 "
+                             "and pi")
+        return 0.5 * size / math.tan(0.5 * angle)
+
     if get("fl_x") is not None:
         fx = as_number(get("fl_x"), "fl_x", path)
     elif get("camera_angle_x") is not None:
-        fx = 0.5 * w / math.tan(0.5 * as_number(get("camera_angle_x"), "camera_angle_x", path))
+        fx = focal("camera_angle_x", w)
     else:
         raise InputError(f"{path}: no focal length (fl_x or camera_angle_x)")
     if get("fl_y") is not None:
         fy = as_number(get("fl_y"), "fl_y", path)
     elif get("camera_angle_y") is not None:
-        fy = 0.5 * h / math.tan(0.5 * as_number(get("camera_angle_y"), "camera_angle_y", path))
+        fy = focal("camera_angle_y", h)
     else:
         fy = fx
     cx = as_number(get("cx"), "cx", path) if get("cx") is not None else w / 2.0
@@ -179,7 +220,7 @@ def transforms_cameras(data: dict, frames: list[dict], w: int, h: int, path: Pat
             mat = np.vstack([mat, [0.0, 0.0, 0.0, 1.0]])
         if mat.shape != (4, 4):
             raise InputError(f"{path}: frame {i} transform_matrix has shape {mat.shape}, expected 4x4")
-        Ks.append(frame_intrinsics(data, frame, w, h, path))
+        Ks.append(frame_intrinsics(data, frame, w, h, path, i))
         c2ws.append(cv_from_gl(mat))
     K, c2w = np.stack(Ks), np.stack(c2ws)
     check_cameras(K, c2w, path)
@@ -198,43 +239,68 @@ def sphere_extra(data: dict, path: Path) -> dict:
     return out
 
 
-def check_sizes(images: list[Path], width: int, height: int) -> None:
-    for path in images:
-        size = image_size(path)
-        if size != (width, height):
-            raise InputError(f"{path}: image is {size[0]}x{size[1]}, expected {width}x{height} like the "
-                             "others; all frames of a dataset scene must share one size")
+def check_files(scene: DatasetScene, root: Path) -> None:
+    """Every image and mask (before anything is written): inside the dataset by its real path,
+    a readable header, the scene's size, small enough to decode."""
+    for path in scene.images:
+        check_real_inside(root, path)
+        size = image_header(path)
+        if size != (scene.width, scene.height):
+            raise InputError(f"{path}: image is {size[0]}x{size[1]}, expected {scene.width}x{scene.height} like "
+                             "the others; all frames of a dataset scene must share one size")
+    for path in scene.masks or []:
+        check_real_inside(root, path)
+        size = image_header(path, "mask")
+        if size != (scene.width, scene.height):
+            raise InputError(f"{path}: mask is {size[0]}x{size[1]}, expected {scene.width}x{scene.height}")
 
 
 # ---------------------------------------------------------------- writing frames/
 
+def _decoded(path: Path, what: str, convert: Callable):
+    """``convert(image with 8-bit samples)`` of one image; a decoder failure names the file."""
+    try:
+        with open_image(path) as img:
+            return convert(to_8bit(img, path))
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or damaged pixel data
+        raise InputError(f"{path}: {what} cannot be decoded ({exc})") from None
+
+
+def _png_bit_depth(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 0
+
+
 def _write_image(src: Path, dest_stem: Path, from_alpha: bool) -> tuple[str, np.ndarray | None]:
-    """Copy one image (composite RGBA over white); returns (file name, alpha mask or None)."""
+    """Copy one image (8-bit RGB/grey PNG and JPEG bytes as they are), else decode it, bring it to
+    8 bits and composite RGBA over white; returns (file name, alpha mask or None)."""
     from PIL import Image
 
     suffix = src.suffix.lower()
-    with Image.open(src) as img:
-        has_alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
-        if suffix in (".jpg", ".jpeg") or (suffix == ".png" and not has_alpha and img.mode in ("RGB", "L")):
+    with open_image(src) as img:
+        has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+        plain_png = suffix == ".png" and img.mode in ("RGB", "L") and _png_bit_depth(src) == 8
+        if suffix in (".jpg", ".jpeg") or (plain_png and not has_alpha):
             dest = dest_stem.with_suffix(".jpg" if suffix != ".png" else ".png")
             shutil.copyfile(src, dest)
             return dest.name, None
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-    alpha = rgba[..., 3:4] / 255.0
-    rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+    rgba = _decoded(src, "image", lambda im: np.asarray(im.convert("RGBA")))
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255  # over white, rounded
     dest = dest_stem.with_suffix(".png")
-    Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8)).save(dest)
+    Image.fromarray(rgb.astype(np.uint8)).save(dest)
     mask = (rgba[..., 3] > 127) if (from_alpha and has_alpha) else None
     return dest.name, mask
 
 
 def _read_mask(path: Path, width: int, height: int) -> np.ndarray:
-    from PIL import Image
+    def convert(img):
+        return np.asarray(img.convert("RGBA") if img.mode in ("RGBA", "LA") else img.convert("L"))
 
-    with Image.open(path) as img:
-        if img.size != (width, height):
-            raise InputError(f"{path}: mask is {img.size[0]}x{img.size[1]}, expected {width}x{height}")
-        arr = np.asarray(img.convert("RGBA") if img.mode in ("RGBA", "LA") else img.convert("L"))
+    arr = _decoded(path, "mask", convert)
+    if (arr.shape[1], arr.shape[0]) != (width, height):
+        raise InputError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]}, expected {width}x{height}")
     return (arr[..., 3] > 127) if arr.ndim == 3 else (arr > 127)
 
 
@@ -245,10 +311,12 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
 
 
 def _copy_gt(root: Path, out_dir: Path) -> bool:
+    from pipeline.store import input_files
+
     gt = root / "gt"
-    if not gt.is_dir() or not any(p.suffix.lower() in MESH_SUFFIXES for p in gt.rglob("*")):
+    if not gt.is_dir() or not any(p.suffix.lower() in MESH_SUFFIXES for p in input_files(gt)):
         return False
-    shutil.copytree(gt, out_dir / "gt", dirs_exist_ok=True)
+    copy_input_tree(gt, out_dir / "gt")
     return True
 
 
@@ -259,7 +327,7 @@ def write_scene(scene: DatasetScene, root: Path, fmt: str, out_dir: Path, ctx: C
     n = len(scene.images)
     if n < 2:
         raise InputError(f"{root}: a dataset scene needs at least 2 images, found {n}")
-    check_sizes(scene.images, scene.width, scene.height)
+    check_files(scene, root)
     img_dir, mask_dir = out_dir / "images", out_dir / "masks"
     img_dir.mkdir(parents=True, exist_ok=True)
     names, records, num_masks = [], [], 0

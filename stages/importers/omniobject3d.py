@@ -30,7 +30,6 @@ files are copied to ``gt/`` with ``gt_mesh.ply`` (Scan.obj as one welded mesh, s
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -40,6 +39,7 @@ from pipeline.cameras import intrinsics
 from pipeline.dag import Context
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json
+from stages.frames import copy_input_tree
 from stages.importers import (IMAGE_SUFFIXES, DatasetScene, as_number, check_cameras, find_image, image_size,
                               list_images, read_json, resolve_inside, transforms_cameras, transforms_frames)
 
@@ -202,7 +202,7 @@ def llff_scene(root: Path, path: Path, names: list[str] | None = None) -> Datase
         if missing:
             raise InputError(f"{path}: {len(missing)} registered images are missing (first: {missing[0]})")
     else:
-        images = list_images(root / "images")
+        images = list_images(root / "images", root)
     if len(images) != len(arr):
         raise InputError(f"{path}: {len(arr)} poses for {len(images)} images in {root / 'images'}; LLFF pairs "
                          "them by sorted name, so the counts must match (or give a COLMAP model in sparse/)")
@@ -284,7 +284,7 @@ def write_ground_truth(scan_dir: Path, gt_dir: Path, info: dict) -> dict:
         raise InputError(f"{scan}: the raw scan has no faces")
     mesh = trimesh.Trimesh(np.asarray(loaded.vertices, np.float64), np.asarray(loaded.faces), process=False)
     mesh.merge_vertices()  # the OBJ repeats vertices along UV seams
-    shutil.copytree(scan_dir, gt_dir, dirs_exist_ok=True)
+    copy_input_tree(scan_dir, gt_dir)  # the files its fingerprint covers
     mesh.export(gt_dir / "gt_mesh.ply")
     lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
     data = {"dataset": "omniobject3d", "scan": scan.name, "mesh": "gt_mesh.ply",
