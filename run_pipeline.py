@@ -6,11 +6,13 @@
     python run_pipeline.py status --workdir DIR [--json]
     python run_pipeline.py gc --workdir DIR
 
-Exit codes: 0 success, 1 a stage failed or could not run, 2 bad usage, input or config.
+Exit codes: 0 success, 1 a stage failed or could not run, 2 bad usage, input or config,
+130 interrupted (Ctrl-C; rerun the same command to resume).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import shutil
@@ -22,11 +24,12 @@ from pathlib import Path
 from pipeline import store
 from pipeline.config import load_config, preset_names
 from pipeline.dag import STAGES, Source
-from pipeline.errors import PipelineError
+from pipeline.errors import InputError, PipelineError, one_line
 from pipeline.fsutil import file_lock
 from pipeline.log import setup_logging
 
 DATASET_FORMATS = ("neus", "blender", "neuralangelo", "colmap", "omniobject3d_blender", "omniobject3d_video")
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 
 
 def _scene_name(path: Path) -> str:
@@ -38,7 +41,7 @@ def _source_from_args(args) -> Source:
     given = [a for a in (args.video, args.images, args.dataset) if a]
     if len(given) != 1:
         raise PipelineError("give exactly one of --video FILE, --images DIR, --dataset DIR")
-    gt = str(Path(args.gt).resolve()) if args.gt else ""
+    gt = _gt_folder(args.gt)
     if args.video:
         path = Path(args.video).expanduser()
         if not path.is_file():
@@ -57,19 +60,37 @@ def _source_from_args(args) -> Source:
     return Source("dataset", str(path.resolve()), format=args.format, gt=gt)
 
 
+def _gt_folder(text: str | None) -> str:
+    """The --gt folder, checked before any stage runs (the frames stage copies it)."""
+    if not text:
+        return ""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    what = "is a file, not a folder" if path.exists() else "no such folder"
+    raise InputError(f"--gt {path}: {what}; give the ground-truth folder (gt.json, gt_mesh.ply, ...)")
+
+
 def _op(args) -> dict:
     return {"device": args.device, "progress": not args.no_progress, "debug": args.debug,
             "gpus": args.gpus or ""}
+
+
+def _say(line: str, err: bool = False) -> None:
+    """Print one message as exactly one line: names in it (files, scenes) cannot break it up."""
+    print(one_line(line), file=sys.stderr if err else sys.stdout)
+
+
+def _failed(fail: dict) -> None:
+    _say(f"FAILED scene '{fail['scene']}', stage '{fail['stage']}': {fail['message']}", err=True)
 
 
 def _report(result, debug: bool) -> int:
     if result.ok:
         return 0
     if result.failures:
-        first = result.failures[0]
-        print(f"FAILED scene '{first['scene']}', stage '{first['stage']}': {first['message']}", file=sys.stderr)
-        for other in result.failures[1:]:
-            print(f"FAILED scene '{other['scene']}', stage '{other['stage']}': {other['message']}", file=sys.stderr)
+        for fail in result.failures:
+            _failed(fail)
         if debug:
             for f in result.failures:
                 print(f.get("traceback", ""), file=sys.stderr)
@@ -82,19 +103,24 @@ def _report(result, debug: bool) -> int:
 def run_scene(source: Source, scene: str, args) -> int:
     from tasks.build import build
 
+    workdir = Path(args.workdir).expanduser()
+    store.check_workdir(workdir)
+    store.check_scene_folder(workdir, scene)
     cfg = load_config(args.preset, args.set)
     until = args.until or store.available_stages()[-1]
     plan = store.make_plan(scene, source, cfg, until)
-    result = build([plan], Path(args.workdir), workers=args.workers, scheduler_host=args.scheduler_host,
+    result = build([plan], workdir, workers=args.workers, scheduler_host=args.scheduler_host,
                    scheduler_port=args.scheduler_port, op=_op(args), debug=args.debug)
     code = _report(result, args.debug)
     if code == 0:
-        folder = store.scene_dir(Path(args.workdir).resolve(), scene)
-        print(f"done: scene '{scene}' up to stage '{until}' in {folder}")
+        _say(f"done: scene '{scene}' up to stage '{until}' in {store.scene_dir(workdir.resolve(), scene)}")
     return code
 
 
 def cmd_run(args) -> int:
+    if args.scene is not None:
+        store.check_scene_name(args.scene)
+    store.check_workdir(Path(args.workdir).expanduser())
     source = _source_from_args(args)
     scene = args.scene or _scene_name(Path(source.path))
     return run_scene(source, scene, args)
@@ -106,13 +132,20 @@ def cmd_batch(args) -> int:
 
     if args.format != "omniobject3d":
         raise PipelineError(f"batch --format {args.format}: only omniobject3d is supported")
+    workdir = Path(args.workdir).expanduser().resolve()
+    store.check_workdir(workdir)
     cfg = load_config(args.preset or "default", args.set)
     until = args.until or store.available_stages()[-1]
     scenes = discover(Path(args.root), args.split, args.include, args.limit)
     plans, failures = plan_all(scenes, cfg, until)
+    for plan in list(plans):  # a scene whose folder is a file fails alone
+        try:
+            store.check_scene_folder(workdir, plan["scene"])
+        except PipelineError as exc:
+            plans.remove(plan)
+            failures.append({"scene": plan["scene"], "stage": "input", "message": str(exc)})
     for fail in failures:
-        print(f"FAILED scene '{fail['scene']}', stage '{fail['stage']}': {fail['message']}", file=sys.stderr)
-    workdir = Path(args.workdir).resolve()
+        _failed(fail)
     result = build(plans, workdir, workers=args.workers, scheduler_host=args.scheduler_host,
                    scheduler_port=args.scheduler_port, op=_op(args), debug=args.debug) if plans else None
     failures += result.failures if result else []
@@ -122,7 +155,7 @@ def cmd_batch(args) -> int:
     code = 0 if ok == len(rows) else 1
     if result and code:
         _report(result, args.debug)
-    print(f"batch: {ok}/{len(rows)} scenes done; summary {csv_path}, report {html_path}")
+    _say(f"batch: {ok}/{len(rows)} scenes done; summary {csv_path}, report {html_path}")
     return code
 
 
@@ -139,25 +172,39 @@ def _has_cuda() -> bool:
 def cmd_demo(args) -> int:
     from pipeline.synthetic import SceneSpec, generate
 
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir).expanduser()
+    store.check_workdir(workdir)
     gpu = args.device != "cpu" and _has_cuda()
     args.preset = args.preset or ("default" if gpu else "fast_cpu")
     spec = SceneSpec(num_views=150, width=1920, height=1080, output="video") if gpu else \
         SceneSpec(num_views=80, width=640, height=480, output="video")
     data = workdir / "demo_input"
-    with file_lock(workdir / ".demo.lock"):
-        if not (data / "gt" / "gt.json").is_file():
-            shutil.rmtree(data, ignore_errors=True)
-            print(f"generating the synthetic spot video ({spec.num_views} frames, "
-                  f"{spec.width}x{spec.height}) in {data}", file=sys.stderr)
-            generate(data, spec)
+    ready = data / "gt" / "gt.json"  # written last: once there, nothing is written here
+    if not ready.is_file():
+        with store.writing(workdir), file_lock(workdir / ".demo.lock"):
+            if not ready.is_file():
+                shutil.rmtree(data, ignore_errors=True)
+                print(f"generating the synthetic spot video ({spec.num_views} frames, "
+                      f"{spec.width}x{spec.height}) in {data}", file=sys.stderr)
+                generate(data, spec)
     source = Source("video", str((data / "video.mp4").resolve()), gt=str((data / "gt").resolve()))
     return run_scene(source, "spot", args)
 
 
-def scene_status(workdir: Path) -> dict:
+def _warn(message: str) -> None:
+    _say(f"warning: {message}", err=True)
+
+
+def _check_workdir_exists(workdir: Path) -> None:
+    if not workdir.is_dir():
+        raise InputError(f"{workdir}: {'not a folder' if workdir.exists() else 'no such workdir'}")
+
+
+def scene_status(workdir: Path, on_bad=_warn) -> dict:
+    """Each scene's stages and their state; a scene whose plan.json is damaged is left out and
+    reported to ``on_bad``."""
     scenes = {}
-    for scene, plan in store.load_plans(workdir).items():
+    for scene, plan in store.load_plans(workdir, on_bad=lambda msg: on_bad(f"{msg}; scene skipped")).items():
         stages = {}
         for stage, key in plan["keys"].items():
             final = store.stage_dir(workdir, scene, stage, key)
@@ -170,8 +217,7 @@ def scene_status(workdir: Path) -> dict:
 
 def cmd_status(args) -> int:
     workdir = Path(args.workdir)
-    if not workdir.is_dir():
-        raise PipelineError(f"{workdir}: no such workdir")
+    _check_workdir_exists(workdir)
     status = scene_status(workdir)
     if args.json:
         print(json.dumps(status, indent=1))
@@ -180,7 +226,7 @@ def cmd_status(args) -> int:
     for scene, stages in status["scenes"].items():
         cells = "  ".join(f"{s}:{v['state']}" for s, v in stages.items())
         complete += all(v["state"] == "done" for v in stages.values())
-        print(f"{scene:24s} {cells}")
+        _say(f"{scene:24s} {cells}")
     print(f"{len(status['scenes'])} scene(s), {complete} complete")
     return 0
 
@@ -188,13 +234,13 @@ def cmd_status(args) -> int:
 def cmd_gc(args) -> int:
     """Remove stage folders (and their lock files) that neither a scene's current plan nor its last
     finished run's plan points to, and temporary files of killed writes untouched for 10 minutes.
-    Anything a run holds the lock of is kept."""
+    Anything a run holds the lock of is kept. A damaged plan file stops it (exit 2) before it
+    removes anything: without the plan it cannot tell what to keep."""
     from pipeline.fsutil import remove_stale_temp_files
     from tasks.execute import lock_file
 
     workdir = Path(args.workdir)
-    if not workdir.is_dir():
-        raise PipelineError(f"{workdir}: no such workdir")
+    _check_workdir_exists(workdir)
     removed = temps = 0
     pattern = re.compile(rf"^({'|'.join(STAGES)})-([0-9a-f]{{{store.KEY_LEN}}})(\.partial|\.lock)?$")
     done = store.load_plans(workdir, store.DONE_PLAN)
@@ -213,7 +259,7 @@ def cmd_gc(args) -> int:
                 if path != lock:
                     shutil.rmtree(path)
                     removed += 1
-                    print(f"removed {path}")
+                    _say(f"removed {path}")
                 final = store.stage_dir(workdir, scene, m.group(1), m.group(2))
                 if not final.exists() and not store.partial_dir(final).exists():
                     lock.unlink(missing_ok=True)  # safe while held: waiters re-check the inode
@@ -235,6 +281,27 @@ def cmd_scheduler(args) -> int:
     return 0 if args.action != "status" or info["answering"] else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ``error: ...`` (exit 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, one_line(f"error: {message} (see '{self.prog} --help')") + "\n")
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            allowed = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be an integer {allowed}, got {text!r}")
+        return value
+    return parse
+
+
 def _add_run_options(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
     p.add_argument("--workdir", required=workdir_required, default=None if workdir_required else "demo_workdir",
                    help="where stage folders are kept")
@@ -243,17 +310,17 @@ def _add_run_options(p: argparse.ArgumentParser, workdir_required: bool = True) 
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable)")
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
-    p.add_argument("--workers", type=int, default=1, help="Luigi worker processes")
+    p.add_argument("--workers", type=_int_in(1), default=1, help="Luigi worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--gpus", help="GPU ids for GPU stages, e.g. 0,1: one stage per card at a time")
     p.add_argument("--scheduler-host", help="use a running luigid at this host")
-    p.add_argument("--scheduler-port", type=int, help="port of that luigid (default 8082)")
+    p.add_argument("--scheduler-port", type=_int_in(1, 65535), help="port of that luigid (default 8082)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks and Luigi's log")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__.split("\n")[0])
+    ap = _Parser(prog="run_pipeline.py", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="reconstruct one scene")
     p.add_argument("--video", help="a video file")
@@ -280,13 +347,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=("omniobject3d",))
     p.add_argument("--split", choices=("blender", "video"), default="blender")
     p.add_argument("--include", default="*", help="only scenes whose name (or category/name) matches")
-    p.add_argument("--limit", type=int, default=0, help="at most this many scenes (0 = all)")
+    p.add_argument("--limit", type=_int_in(0), default=0, help="at most this many scenes (0 = all)")
     _add_run_options(p)
     p.set_defaults(func=cmd_batch)
     p = sub.add_parser("scheduler", help="run a luigid central scheduler in the background")
     p.add_argument("action", choices=("start", "stop", "status"))
     p.add_argument("--workdir", required=True, help="its state, pid file, logs and history go here")
-    p.add_argument("--port", type=int, default=8082)
+    p.add_argument("--port", type=_int_in(1, 65535), default=8082)
     p.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_scheduler)
@@ -301,10 +368,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return _bad_input(str(exc), args.debug)
+    except OSError as exc:  # a file or folder the user gave cannot be read or written: not a bug
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return _bad_input(f"{exc.filename or args.workdir}: {exc.strerror}", args.debug)
+    except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()
-        return 2
+        _say("interrupted: finished stages are kept and the stage in flight resumes; rerun the same command "
+             "to continue", err=True)
+        return INTERRUPTED
+
+
+def _bad_input(message: str, debug: bool) -> int:
+    """The one ``error:`` line of exit code 2 (called while the exception is being handled)."""
+    _say(f"error: {message}", err=True)
+    if debug:
+        traceback.print_exc()
+    return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import hashlib
 import json
 import os
@@ -53,8 +54,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, _json_text(obj))
+
+
+def json_unchanged(path: Path, obj: Any) -> bool:
+    """True when ``path`` already holds exactly what ``atomic_write_json(path, obj)`` would write
+    (so a rerun with nothing to do need not write, e.g. in a read-only workdir)."""
+    try:
+        return Path(path).read_bytes() == _json_text(obj).encode("utf-8")
+    except OSError:
+        return False
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """True when both are regular files with the same bytes."""
+    try:
+        return Path(b).is_file() and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def atomic_copy(src: Path, dst: Path) -> None:

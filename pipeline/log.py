@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Any, Iterable, TypeVar
 
+from pipeline.errors import OneLineFormatter
+
 T = TypeVar("T")
 LOGGER_NAME = "pipeline"
 LOG_INTERVAL_S = 5.0  # a progress line this often when stderr is a file or a pipe
@@ -15,7 +17,7 @@ def setup_logging(debug: bool = False) -> logging.Logger:
     log = logging.getLogger(LOGGER_NAME)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False

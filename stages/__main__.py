@@ -26,12 +26,13 @@ from pathlib import Path
 from pipeline import disk
 from pipeline.config import section_from_dict
 from pipeline.dag import GPU_STAGES, Context, Source
-from pipeline.errors import PipelineError, StageError
+from pipeline.errors import PipelineError, StageError, one_line
 from pipeline.fsutil import atomic_write_json
 from pipeline.log import setup_logging
 
 RESERVE = ".space_reserve"  # freed just before an error report is written (a full disk)
 RESERVE_BYTES = 64 << 10
+INTERRUPTED = 130  # exit status after SIGINT (128 + 2)
 
 
 def resolve_device(requested: str, stage: str) -> str:
@@ -71,6 +72,8 @@ def main(job_path: str) -> int:
         return 0
     except PipelineError as exc:
         return _report(out_dir, str(exc), type(exc).__name__, 3)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the CLI prints the line
+        return _report(out_dir, f"{stage}: interrupted; rerun to resume", "Interrupted", INTERRUPTED)
     except BaseException as exc:  # a bug or an interrupt: keep the traceback for --debug
         where = disk.space_error_path(exc)
         if where is not None or (isinstance(exc, Exception) and disk.is_full(out_dir)):
@@ -101,7 +104,7 @@ def _report(out_dir: Path, message: str, kind: str, code: int) -> int:
         atomic_write_json(out_dir / ".error.json", {"message": message, "kind": kind,
                                                      "traceback": traceback.format_exc()})
     except OSError:
-        print(f"error: {message}", file=sys.stderr)
+        print(one_line(f"error: {message}"), file=sys.stderr)
     return code
 
 

@@ -12,7 +12,7 @@ from luigi.execution_summary import LuigiStatusCode
 
 from pipeline import store
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_copy, read_json
+from pipeline.fsutil import atomic_copy, read_json, same_content
 from tasks.execute import error_file
 from tasks.gpus import parse_gpus, resource_name
 from tasks.scheduler import ping
@@ -53,9 +53,10 @@ def publish(workdir: Path, plan: dict) -> list[str]:
         module = importlib.import_module(store.stage_module_name(stage))
         folder = store.stage_dir(workdir, plan["scene"], stage, key)
         for name in getattr(module, "PUBLISH", ()):
-            src = folder / name
+            src, dst = folder / name, store.scene_dir(workdir, plan["scene"]) / Path(name).name
             if src.is_file():
-                atomic_copy(src, store.scene_dir(workdir, plan["scene"]) / Path(name).name)
+                if not same_content(src, dst):
+                    atomic_copy(src, dst)
                 done.append(Path(name).name)
     return done
 
@@ -76,13 +77,26 @@ def _declare_gpus(op: dict, scheduler_host: str | None, scheduler_port: int | No
         config.set("resources", name, str(count))
 
 
+def _check_folders(workdir: Path, plans: list[dict]) -> None:
+    """Before anything is written: the workdir and scene folders are folders, and a scene with a
+    stage still to compute can be written to (a finished scene is only read: no locks, and its
+    plan, published copies and done plan are rewritten only when they differ)."""
+    store.check_workdir(workdir)
+    for plan in plans:
+        store.check_scene_folder(workdir, plan["scene"])
+        if not all(store.is_done(store.stage_dir(workdir, plan["scene"], s, k)) for s, k in plan["keys"].items()):
+            store.check_writable(store.scene_dir(workdir, plan["scene"]))
+
+
 def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: str | None = None,
           scheduler_port: int | None = None, op: dict | None = None, debug: bool = False) -> BuildResult:
     workdir = Path(workdir).resolve()
     op_json = json.dumps(op or {}, sort_keys=True)
-    for plan in plans:
-        store.save_plan(workdir, plan)
-        _clear_errors(workdir, plan)
+    _check_folders(workdir, plans)
+    with store.writing(workdir):
+        for plan in plans:
+            store.save_plan(workdir, plan)
+            _clear_errors(workdir, plan)
     tasks = [task_for(plan["until"], str(workdir), plan, op_json) for plan in plans]
     params = {"workers": workers, "log_level": "DEBUG" if debug else "CRITICAL", "no_lock": True}
     if scheduler_host:
@@ -103,8 +117,9 @@ def build(plans: list[dict], workdir: Path, workers: int = 1, scheduler_host: st
                             "'run_pipeline.py scheduler start' or drop --scheduler-host") from None
     failures = [err for plan in plans for err in _collect_errors(workdir, plan)]
     ok = result.status in OK_STATUSES and not failures
-    for plan in plans:
-        if store.is_done(store.stage_dir(workdir, plan["scene"], plan["until"], plan["keys"][plan["until"]])):
-            publish(workdir, plan)
-            store.save_done_plan(workdir, plan)
+    with store.writing(workdir):
+        for plan in plans:
+            if store.is_done(store.stage_dir(workdir, plan["scene"], plan["until"], plan["keys"][plan["until"]])):
+                publish(workdir, plan)
+                store.save_done_plan(workdir, plan)
     return BuildResult(ok=ok, status=result.status.name, failures=failures, summary=result.summary_text)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline import store
 from pipeline.dag import GPU_STAGES
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.fsutil import atomic_write_json, file_lock, read_json, remove_stale_temp_files
 from tasks.gpus import gpu_slot, gpus_wanted, parse_gpus
 
@@ -29,7 +29,7 @@ class StageFailed(PipelineError):
     """A stage ended without its outputs; ``str()`` is the one-line reason."""
 
     def __init__(self, scene: str, stage: str, reason: str, traceback: str = ""):
-        super().__init__(f"scene '{scene}', stage '{stage}': {reason}")
+        super().__init__(one_line(f"scene '{scene}', stage '{stage}': {reason}"))
         self.scene, self.stage, self.reason, self.traceback = scene, stage, reason, traceback
 
 
@@ -108,7 +108,7 @@ def _fail(plan: dict, stage: str, workdir: Path, partial: Path, rc: int) -> Stag
     err_path.unlink(missing_ok=True)
     if err.get("kind") == "InputError":  # a rerun on the same input cannot do better: drop the work
         shutil.rmtree(partial, ignore_errors=True)
-    log.error("FAILED scene '%s', stage '%s': %s", scene, stage, err["message"])
+    log.error("%s", one_line(f"FAILED scene '{scene}', stage '{stage}': {err['message']}"))
     return StageFailed(scene, stage, err["message"], err.get("traceback", ""))
 
 

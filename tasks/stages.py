@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import luigi
 
@@ -9,6 +10,9 @@ from pipeline import store
 from pipeline.dag import GPU_STAGES, UPSTREAM
 from tasks.gpus import parse_gpus, resource_name, resource_units
 from tasks.execute import run_stage
+
+CLI_PID = os.getpid()  # Luigi's worker processes (--workers N > 1) are forks: they see this pid
+INTERRUPTED = 130
 
 
 class StageTask(luigi.Task):
@@ -40,7 +44,12 @@ class StageTask(luigi.Task):
         return store.is_done(store.stage_dir(self.workdir, self.scene, self.stage, self.key))
 
     def run(self):
-        run_stage(json.loads(self.plan), self.stage, self.workdir, json.loads(self.op))
+        try:
+            run_stage(json.loads(self.plan), self.stage, self.workdir, json.loads(self.op))
+        except KeyboardInterrupt:
+            if os.getpid() != CLI_PID:  # a forked worker: end quietly, the CLI prints the one line
+                os._exit(INTERRUPTED)
+            raise
 
 
 class FramesTask(StageTask):
