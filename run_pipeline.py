@@ -23,12 +23,11 @@ from pathlib import Path
 
 from pipeline import store
 from pipeline.config import load_config, preset_names
-from pipeline.dag import STAGES, Source
+from pipeline.dag import DATASET_FORMATS, STAGES, Source
 from pipeline.errors import InputError, PipelineError, one_line
 from pipeline.fsutil import file_lock
 from pipeline.log import setup_logging
 
-DATASET_FORMATS = ("neus", "blender", "neuralangelo", "colmap", "omniobject3d_blender", "omniobject3d_video")
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 
 
@@ -200,25 +199,10 @@ def _check_workdir_exists(workdir: Path) -> None:
         raise InputError(f"{workdir}: {'not a folder' if workdir.exists() else 'no such workdir'}")
 
 
-def scene_status(workdir: Path, on_bad=_warn) -> dict:
-    """Each scene's stages and their state; a scene whose plan.json is damaged is left out and
-    reported to ``on_bad``."""
-    scenes = {}
-    for scene, plan in store.load_plans(workdir, on_bad=lambda msg: on_bad(f"{msg}; scene skipped")).items():
-        stages = {}
-        for stage, key in plan["keys"].items():
-            final = store.stage_dir(workdir, scene, stage, key)
-            state = "done" if store.is_done(final) else \
-                "partial" if store.partial_dir(final).exists() else "missing"
-            stages[stage] = {"state": state, "dir": str(final)}
-        scenes[scene] = stages
-    return {"scenes": scenes}
-
-
 def cmd_status(args) -> int:
     workdir = Path(args.workdir)
     _check_workdir_exists(workdir)
-    status = scene_status(workdir)
+    status = store.scene_status(workdir, on_bad=_warn)
     if args.json:
         print(json.dumps(status, indent=1))
         return 0
@@ -232,37 +216,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    """Remove stage folders (and their lock files) that neither a scene's current plan nor its last
-    finished run's plan points to, and temporary files of killed writes untouched for 10 minutes.
-    Anything a run holds the lock of is kept. A damaged plan file stops it (exit 2) before it
-    removes anything: without the plan it cannot tell what to keep."""
-    from pipeline.fsutil import remove_stale_temp_files
-    from tasks.execute import lock_file
-
+    """Remove stage folders no plan points to (see ``store.collect_garbage``); a damaged plan
+    file stops it (exit 2) before it removes anything."""
     workdir = Path(args.workdir)
     _check_workdir_exists(workdir)
-    removed = temps = 0
-    pattern = re.compile(rf"^({'|'.join(STAGES)})-([0-9a-f]{{{store.KEY_LEN}}})(\.partial|\.lock)?$")
-    done = store.load_plans(workdir, store.DONE_PLAN)
-    for scene, plan in store.load_plans(workdir).items():
-        keep = {f"{s}-{k}" for p in (plan, done.get(scene, {"keys": {}})) for s, k in p["keys"].items()}
-        folder = store.scene_dir(workdir, scene)
-        temps += len(remove_stale_temp_files(folder, older_than=600))
-        for path in sorted([*folder.iterdir(), *folder.glob(".locks/*.lock")]):
-            m = pattern.match(path.name)
-            if not m or f"{m.group(1)}-{m.group(2)}" in keep:
-                continue
-            lock = lock_file(workdir, scene, m.group(1), m.group(2))
-            with file_lock(lock, blocking=False) as held:
-                if held is None or not path.exists():
-                    continue
-                if path != lock:
-                    shutil.rmtree(path)
-                    removed += 1
-                    _say(f"removed {path}")
-                final = store.stage_dir(workdir, scene, m.group(1), m.group(2))
-                if not final.exists() and not store.partial_dir(final).exists():
-                    lock.unlink(missing_ok=True)  # safe while held: waiters re-check the inode
+    removed, temps = store.collect_garbage(workdir, on_removed=lambda path: _say(f"removed {path}"))
     print(f"gc: removed {removed} folder(s), {temps} temporary file(s)")
     return 0
 

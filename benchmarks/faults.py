@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_paths import ROOT  # noqa: E402,F401
 
 from pipeline import store  # noqa: E402
 from pipeline.dag import STAGES  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_paths import ROOT  # noqa: E402,F401
 
 from stages.train.external import tcnn_available  # noqa: E402
 from stages.train import fields  # noqa: E402

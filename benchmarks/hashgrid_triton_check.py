@@ -21,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_paths import ROOT  # noqa: E402,F401
 
 import torch  # noqa: E402
 

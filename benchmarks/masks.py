@@ -15,14 +15,13 @@ import dataclasses
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_paths import ROOT  # noqa: E402,F401
 
 from pipeline.cameras import Cameras, load_transforms, project, save_transforms  # noqa: E402
 
@@ -109,9 +108,9 @@ def gt_sfm_folder(gt_dir: Path, sfm_dir: Path, seed: int = 0, image_ext: str = "
 
 
 def mean_iou(mask_dir: Path, gt_mask_dir: Path, stems: list[str]) -> tuple[float, float]:
-    from stages.masks_post import iou, read_mask
+    from stages.masks.post import iou, mask_or_none
 
-    vals = [iou(read_mask(mask_dir / f"{s}.png"), read_mask(gt_mask_dir / f"{s}.png")) for s in stems]
+    vals = [iou(mask_or_none(mask_dir / f"{s}.png"), mask_or_none(gt_mask_dir / f"{s}.png")) for s in stems]
     return float(np.mean(vals)), float(np.min(vals))
 
 
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from pipeline.synthetic import SceneSpec, SyntheticScene, generate
-    from stages.masks_rembg import local_model
+    from stages.masks.rembg import local_model
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_masks_"))
     spec = SceneSpec(num_views=args.views, width=args.width, height=args.height, output="images", seed=args.seed)

@@ -1,5 +1,5 @@
 """Mesh-stage benchmark: wall time and peak memory of block-wise marching cubes
-(``stages.mesh_blocks.compute_mesh``) per grid resolution, on an analytic SDF, an untrained
+(``stages.mesh.blocks.compute_mesh``) per grid resolution, on an analytic SDF, an untrained
 Neuralangelo-sized network (``--sdf neus``: real per-point cost, sphere-like surface) or a
 trained model (``--model TRAIN_DIR`` holding model.pt). Prints a markdown table last;
 ``--out`` writes JSON. Target on one H100: resolution 2048 in <= 60 s, peak GPU memory <= 16 GB.
@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_paths import ROOT  # noqa: E402,F401
 
-from stages.mesh_blocks import compute_mesh  # noqa: E402
+from stages.mesh.blocks import compute_mesh  # noqa: E402
 
 SPHERE_R = 0.6
 BUMP_A, BUMP_F = 0.03, 15.0  # |grad| <= 1 + A * F * sqrt(3) = 1.78 < skip_margin 2

@@ -27,10 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_paths import ROOT  # noqa: E402,F401
 
 
 def child(args, *extra: str, cuda: str | None = None) -> tuple:
@@ -80,7 +77,7 @@ def run_train(args) -> dict:
     import numpy as np
 
     from pipeline.dag import Context
-    from stages.train.stage import run_stage
+    from stages import train
     from train_inputs import from_synthetic
     from train_quality import generate_scene, score, train_config
 
@@ -93,7 +90,7 @@ def run_train(args) -> dict:
     ctx = Context(scene="spot", device=args.device, progress=False, log=logging.getLogger("pipeline"))
     run_dir = Path(args.run_dir) / "train"
     t = time.perf_counter()
-    run_stage(inputs, cfg, run_dir, ctx)
+    train.run(inputs, cfg, run_dir, ctx)
     wall = time.perf_counter() - t
     info = json.loads((run_dir / "train.json").read_text())
     ms = steady_ms_per_step(run_dir / "tb", 0.25)

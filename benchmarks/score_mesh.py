@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_paths import ROOT  # noqa: E402,F401
 
 
 def score(workdir: Path, scene: str, num_samples: int) -> dict:

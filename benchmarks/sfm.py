@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_paths import ROOT  # noqa: E402,F401
 
 from pipeline.align import camera_errors  # noqa: E402
 from pipeline.cameras import load_transforms  # noqa: E402

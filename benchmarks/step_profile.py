@@ -37,10 +37,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_paths import ROOT  # noqa: E402,F401
 
 
 def parse_variant(text: str) -> tuple[str, dict, list[str]]:

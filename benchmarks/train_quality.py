@@ -24,9 +24,7 @@ import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from bench_paths import ROOT  # noqa: E402,F401
 
 ABLATIONS = {
     "no_mask_loss": {"mask_weight": 0.0},
@@ -87,7 +85,7 @@ def train_config(preset: str, overrides: list[str], ablations: list[str], iterat
 
 def in_region(points, gt_points, diag: float, floor: float | None):
     """The evaluate stage's object region: GT bounds + 2% of the diagonal, support plane + 1% left out."""
-    from stages.metrics import object_region
+    from stages.evaluate.metrics import object_region
 
     return object_region(points, gt_points.min(0), gt_points.max(0), 0.02 * diag, floor, 0.01 * diag)
 
@@ -150,7 +148,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.dag import Context
-    from stages.train.stage import run_stage
+    from stages import train
     from train_inputs import analytic_scene, from_synthetic
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +174,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     ctx = Context(scene=tag, device=device, progress=True, threads=args.threads, log=logging.getLogger("bench"))
     t = time.perf_counter()
-    summary = run_stage(inputs, cfg, run_dir, ctx)
+    summary = train.run(inputs, cfg, run_dir, ctx)
     train_wall = time.perf_counter() - t
     info = json.loads((run_dir / "train.json").read_text())
     diag = float(np.linalg.norm(gt_points.max(0) - gt_points.min(0)))

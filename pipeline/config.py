@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.dag import STAGES
 from pipeline.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -264,18 +265,6 @@ class EvaluateConfig:
     floor_margin: float = opt(0.01, "object-region scores: a GT support plane (gt.json support_plane_z) and this fraction of the diagonal above it are left out", bounds="[0, 1]")
 
 
-SECTIONS: dict[str, type] = {
-    "frames": FramesConfig,
-    "sfm": SfmConfig,
-    "masks": MaskConfig,
-    "sfm_points": SfmPointsConfig,
-    "train": TrainConfig,
-    "mesh": MeshConfig,
-    "cleanup": CleanupConfig,
-    "evaluate": EvaluateConfig,
-}
-
-
 @dataclass(frozen=True)
 class PipelineConfig:
     frames: FramesConfig = field(default_factory=FramesConfig)
@@ -296,6 +285,12 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
         return apply_overrides(cls(), data, source="config")
+
+
+# One section per stage, in the DAG's order (pipeline.dag.STAGES is the one list of stages).
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(PipelineConfig)}
+if tuple(SECTIONS) != STAGES:
+    raise ImportError(f"PipelineConfig's sections {tuple(SECTIONS)} are not the stages {STAGES}")
 
 
 def canonical_json(obj: Any) -> str:

@@ -1,6 +1,6 @@
 """The stage graph and what a stage receives when it runs.
 
-A stage module ``stages/<name>.py`` (or package) is cheap to import (heavy imports inside
+A stage package ``stages/<name>/`` is cheap to import (heavy imports inside
 functions) and exposes ``VERSION`` (bump when its outputs change), optionally ``PUBLISH``
 (files copied to ``<workdir>/<scene>/`` when a run ends with it) and
 ``run(inputs: dict[str, Path], cfg, out_dir: Path, ctx: Context) -> dict``: ``inputs`` maps
@@ -27,8 +27,19 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "evaluate": ("cleanup", "mesh", "train", "sfm_points", "masks", "sfm", "frames"),
 }
 
+
+
+def stage_module_name(stage: str) -> str:
+    """The package that implements ``stage``: ``stages/<stage>/``."""
+    return f"stages.{stage}"
+
+
 # Stages that need a GPU when one is there; they run pinned by CUDA_VISIBLE_DEVICES.
 GPU_STAGES = ("train", "mesh")
+
+
+# What ``--dataset DIR --format FMT`` reads: one reader each in ``stages/frames/importers/``.
+DATASET_FORMATS = ("neus", "blender", "neuralangelo", "colmap", "omniobject3d_blender", "omniobject3d_video")
 
 
 @dataclass(frozen=True)

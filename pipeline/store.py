@@ -22,19 +22,14 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, canonical_json, path_fields
-from pipeline.dag import STAGES, UPSTREAM, Source, closure
+from pipeline.dag import STAGES, UPSTREAM, Source, closure, stage_module_name
 from pipeline.errors import InputError, PipelineError, one_line
-from pipeline.fsutil import (
-    atomic_write_json,
-    json_unchanged,
-    read_json,
-    remove_stale_temp_files,
-    sha256_file,
-)
+from pipeline.fsutil import (atomic_write_json, file_lock, json_unchanged, read_json, remove_stale_temp_files,
+                             sha256_file)
 
 KEY_LEN = 12
 MANIFEST = "manifest.json"
@@ -42,10 +37,6 @@ PLAN = "plan.json"
 DONE_PLAN = "plan_done.json"  # the plan of the scene's last run that finished: gc keeps its folders too
 INTERNAL_FILES = (".job.json", ".summary.json", ".error.json")
 STALE_TEMP_SECONDS = 60  # a temporary file untouched this long outside a locked stage folder is a dead write
-
-
-def stage_module_name(stage: str) -> str:
-    return f"stages.{stage}"
 
 
 def available_stages() -> list[str]:
@@ -337,3 +328,52 @@ def commit(partial: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
+
+
+def lock_file(workdir: Path, scene: str, stage: str, key: str) -> Path:
+    """The lock a run holds while it works on (or removes) one stage folder."""
+    return scene_dir(workdir, scene) / ".locks" / f"{stage}-{key}.lock"
+
+
+def scene_status(workdir: Path, on_bad: Callable[[str], None]) -> dict:
+    """Each scene's stages and their state (done / partial / missing); a scene whose plan.json
+    is damaged is left out and reported to ``on_bad``."""
+    scenes = {}
+    for scene, plan in load_plans(workdir, on_bad=lambda msg: on_bad(f"{msg}; scene skipped")).items():
+        stages = {}
+        for stage, key in plan["keys"].items():
+            final = stage_dir(workdir, scene, stage, key)
+            state = "done" if is_done(final) else "partial" if partial_dir(final).exists() else "missing"
+            stages[stage] = {"state": state, "dir": str(final)}
+        scenes[scene] = stages
+    return {"scenes": scenes}
+
+
+def collect_garbage(workdir: Path, on_removed: Callable[[Path], None]) -> tuple[int, int]:
+    """Remove stage folders (and their lock files) that neither a scene's current plan nor its
+    last finished run's plan points to, and temporary files of killed writes untouched for 10
+    minutes; anything a run holds the lock of is kept. Returns (folders removed, temporary files
+    removed). A damaged plan file raises before anything is removed."""
+    removed = temps = 0
+    pattern = re.compile(rf"^({'|'.join(STAGES)})-([0-9a-f]{{{KEY_LEN}}})(\.partial|\.lock)?$")
+    done = load_plans(workdir, DONE_PLAN)
+    for scene, plan in load_plans(workdir).items():
+        keep = {f"{s}-{k}" for p in (plan, done.get(scene, {"keys": {}})) for s, k in p["keys"].items()}
+        folder = scene_dir(workdir, scene)
+        temps += len(remove_stale_temp_files(folder, older_than=600))
+        for path in sorted([*folder.iterdir(), *folder.glob(".locks/*.lock")]):
+            m = pattern.match(path.name)
+            if not m or f"{m.group(1)}-{m.group(2)}" in keep:
+                continue
+            lock = lock_file(workdir, scene, m.group(1), m.group(2))
+            with file_lock(lock, blocking=False) as held:
+                if held is None or not path.exists():
+                    continue
+                if path != lock:
+                    shutil.rmtree(path)
+                    removed += 1
+                    on_removed(path)
+                final = stage_dir(workdir, scene, m.group(1), m.group(2))
+                if not final.exists() and not partial_dir(final).exists():
+                    lock.unlink(missing_ok=True)  # safe while held: waiters re-check the inode
+    return removed, temps

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline import disk
 from pipeline.config import section_from_dict
-from pipeline.dag import GPU_STAGES, Context, Source
+from pipeline.dag import GPU_STAGES, Context, Source, stage_module_name
 from pipeline.errors import PipelineError, StageError, one_line
 from pipeline.fsutil import atomic_write_json
 from pipeline.log import setup_logging
@@ -61,7 +61,7 @@ def main(job_path: str) -> int:
         cfg = section_from_dict(stage, job["section"])
         disk.check_free(stage, dataclasses.asdict(cfg), inputs, job.get("source"), out_dir)
         _reserve(out_dir)
-        module = importlib.import_module(f"stages.{stage}")
+        module = importlib.import_module(stage_module_name(stage))
         source = Source(**job["source"]) if job.get("source") else None
         ctx = Context(scene=job["scene"], device=resolve_device(job.get("device", "auto"), stage),
                       progress=job.get("progress", True), source=source,

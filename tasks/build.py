@@ -11,6 +11,7 @@ import luigi.rpc
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline import store
+from pipeline.dag import stage_module_name
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_copy, read_json, same_content
 from tasks.execute import error_file
@@ -50,7 +51,7 @@ def publish(workdir: Path, plan: dict) -> list[str]:
     """Copy the main outputs of the plan's stages (``PUBLISH``) to ``<workdir>/<scene>/``."""
     done = []
     for stage, key in plan["keys"].items():
-        module = importlib.import_module(store.stage_module_name(stage))
+        module = importlib.import_module(stage_module_name(stage))
         folder = store.stage_dir(workdir, plan["scene"], stage, key)
         for name in getattr(module, "PUBLISH", ()):
             src, dst = folder / name, store.scene_dir(workdir, plan["scene"]) / Path(name).name

@@ -37,10 +37,6 @@ def error_file(workdir: Path, scene: str, stage: str, key: str) -> Path:
     return store.scene_dir(workdir, scene) / ".errors" / f"{stage}-{key}.json"
 
 
-def lock_file(workdir: Path, scene: str, stage: str, key: str) -> Path:
-    return store.scene_dir(workdir, scene) / ".locks" / f"{stage}-{key}.lock"
-
-
 def _job(plan: dict, stage: str, workdir: Path, partial: Path, op: dict) -> dict:
     from pipeline.dag import UPSTREAM
 
@@ -123,7 +119,7 @@ def run_stage(plan: dict, stage: str, workdir: Path, op: dict) -> None:
     workdir = Path(workdir)
     scene, key = plan["scene"], plan["keys"][stage]
     final = store.stage_dir(workdir, scene, stage, key)
-    lock = lock_file(workdir, scene, stage, key)
+    lock = store.lock_file(workdir, scene, stage, key)
 
     def waiting(holder: str) -> None:
         log.info("[%s] %s: waiting for %s (%s)", scene, stage, lock, holder)

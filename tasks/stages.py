@@ -1,4 +1,4 @@
-"""One Luigi task class per stage; each is requires / output / run and nothing else."""
+"""One Luigi task class per stage of ``pipeline.dag.STAGES``; each is requires / output / run and nothing else."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import os
 import luigi
 
 from pipeline import store
-from pipeline.dag import GPU_STAGES, UPSTREAM
+from pipeline.dag import GPU_STAGES, STAGES, UPSTREAM
 from tasks.gpus import parse_gpus, resource_name, resource_units
 from tasks.execute import run_stage
 
@@ -52,40 +52,13 @@ class StageTask(luigi.Task):
             raise
 
 
-class FramesTask(StageTask):
-    stage = "frames"
+def _task_class(stage: str) -> type:
+    """``FramesTask``, ``SfmPointsTask``, ...: Luigi names a task by its class."""
+    name = "".join(part.title() for part in stage.split("_")) + "Task"
+    return type(name, (StageTask,), {"stage": stage, "__module__": __name__})
 
 
-class SfmTask(StageTask):
-    stage = "sfm"
-
-
-class MasksTask(StageTask):
-    stage = "masks"
-
-
-class SfmPointsTask(StageTask):
-    stage = "sfm_points"
-
-
-class TrainTask(StageTask):
-    stage = "train"
-
-
-class MeshTask(StageTask):
-    stage = "mesh"
-
-
-class CleanupTask(StageTask):
-    stage = "cleanup"
-
-
-class EvaluateTask(StageTask):
-    stage = "evaluate"
-
-
-TASKS = {cls.stage: cls for cls in (FramesTask, SfmTask, MasksTask, SfmPointsTask, TrainTask,
-                                    MeshTask, CleanupTask, EvaluateTask)}
+TASKS = {stage: _task_class(stage) for stage in STAGES}
 
 
 def task_for(stage: str, workdir: str, plan: dict, op: str = "{}") -> StageTask:

@@ -24,7 +24,6 @@ import pytest
 from conftest import ROOT, run_cli
 from omni_fixtures import make_synthetic, write_blender_render, write_raw_scan, write_video_scene
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from faults import stage_job  # noqa: E402  (the fault harness's /proc reader of stage jobs)
 
 GOOD = ["toy_000", "toy_001", "toy_002", "toy_003"]

@@ -24,7 +24,6 @@ from conftest import ROOT
 from pipeline import store
 from pipeline.fsutil import file_lock, lock_holder
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
 import faults  # noqa: E402
 
 HOLD = "import sys, time; from pathlib import Path; from pipeline.fsutil import file_lock\n" \

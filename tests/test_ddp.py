@@ -47,11 +47,11 @@ def _run_two_ranks(inputs, out):
     runs): one retry, resuming from the checkpoints, so the checks below still see a finished run.
     The abort itself is an open bug (see benchmarks/RESULTS.md)."""
     try:
-        return run_stage(inputs, TrainConfig(**CFG, gpus=2), out, ctx())
+        return train.run(inputs, TrainConfig(**CFG, gpus=2), out, ctx())
     except StageError as exc:
         if "torchrun exited" not in str(exc):
             raise
-        return run_stage(inputs, TrainConfig(**CFG, gpus=2), out, ctx())
+        return train.run(inputs, TrainConfig(**CFG, gpus=2), out, ctx())
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_two_ranks_on_the_same_rays_are_one_process_with_half_the_batch(runs, tm
     run_stage(runs["inputs"], TrainConfig(**{**short, "batch_rays": 128, "views_per_batch": 2}), tmp_path / "one",
               ctx())
     monkeypatch.setenv("PIPELINE_DDP_SAME_RAYS", "1")
-    run_stage(runs["inputs"], TrainConfig(**short, gpus=2), tmp_path / "two", ctx())
+    train.run(runs["inputs"], TrainConfig(**short, gpus=2), tmp_path / "two", ctx())
     one, two = (json.loads((tmp_path / n / "train.json").read_text()) for n in ("one", "two"))
     assert len(one["history"]) == 3 and two["history"] == one["history"]
     a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True)["model"] for n in ("one", "two"))
@@ -165,7 +165,7 @@ def test_sigterm_checkpoints_and_the_resume_is_exact(runs, tmp_path):
                                err["message"]).group(1))
     assert 10 <= stopped < 100 and (out / "checkpoints" / f"step_{stopped:08d}.pt").is_file()
     assert not (out / "model.pt").exists() and not list(out.glob(".ddp_*"))
-    run_stage(runs["inputs"], TrainConfig(**CFG, gpus=2), out, ctx())
+    train.run(runs["inputs"], TrainConfig(**CFG, gpus=2), out, ctx())
     resumed = json.loads((out / "train.json").read_text())["history"]
     full = json.loads((runs["root"] / "two" / "train.json").read_text())["history"]
     assert [h["step"] for h in resumed] == list(range(10, 101, 10)) and resumed == full
@@ -186,13 +186,13 @@ def test_mesh_split_over_two_processes_is_identical(runs, tmp_path):
 
 def test_config_errors(runs, tmp_path):
     with pytest.raises(ConfigError, match=r"train.batch_rays \(255\) must be a multiple of train.gpus \(2\)"):
-        run_stage(runs["inputs"], TrainConfig(**{**CFG, "batch_rays": 255}, gpus=2), tmp_path / "a", ctx())
+        train.run(runs["inputs"], TrainConfig(**{**CFG, "batch_rays": 255}, gpus=2), tmp_path / "a", ctx())
     with pytest.raises(ConfigError, match="train.gpus must be at least 1, got 0"):
-        run_stage(runs["inputs"], TrainConfig(**CFG, gpus=0), tmp_path / "b", ctx())
+        train.run(runs["inputs"], TrainConfig(**CFG, gpus=0), tmp_path / "b", ctx())
     cuda = Context(scene="ddp", device="cuda", progress=False, log=logging.getLogger("test_ddp"))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"train.gpus=2 but 0 GPU\(s\) are visible"):
-            run_stage(runs["inputs"], TrainConfig(**CFG, gpus=2), tmp_path / "c", cuda)
+            train.run(runs["inputs"], TrainConfig(**CFG, gpus=2), tmp_path / "c", cuda)
         with pytest.raises(ConfigError, match=r"mesh.gpus=2 but 0 GPU\(s\) are visible"):
             mesh.run({"train": runs["root"] / "two", "sfm_points": runs["inputs"]["sfm_points"]},
                      MeshConfig(gpus=2), tmp_path / "d", cuda)

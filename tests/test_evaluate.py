@@ -17,7 +17,7 @@ from pipeline.config import EvaluateConfig
 from pipeline.dag import Context
 from pipeline.errors import InputError
 from stages import evaluate
-from stages import metrics as M
+import stages.evaluate.metrics as M
 
 VIEWS, WIDTH, HEIGHT = 16, 192, 144
 SKIPPED = (5, 11)  # source frames the "frames stage" dropped: SfM view i != source index
@@ -318,7 +318,7 @@ def test_without_ground_truth_or_holdout_the_reasons_are_reported(syn, tmp_path)
 
 
 def test_training_curves_come_from_tensorboard_else_from_train_json(syn, tmp_path):
-    from stages.report_figures import read_scalars
+    from stages.evaluate.figures import read_scalars
 
     folder = tmp_path / "train"
     folder.mkdir()
@@ -351,7 +351,7 @@ def test_align_by_shape_recovers_an_unknown_similarity():
     from scipy.spatial.transform import Rotation
 
     import trimesh
-    from stages import metrics as M
+    import stages.evaluate.metrics as M
     root = Path(__file__).resolve().parents[1]
     mesh = trimesh.load(str(root / "pipeline" / "assets" / "spot" / "spot_triangulated.obj"), force="mesh")
     gt = np.asarray(trimesh.sample.sample_surface(mesh, 4000, seed=0)[0])

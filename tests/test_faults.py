@@ -7,20 +7,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import ROOT, panning_frames, run_cli
+from conftest import panning_frames, run_cli
 from pipeline import store
 from pipeline.config import load_config
 from pipeline.dag import Source
-from tasks.execute import lock_file, run_stage
+from pipeline.store import lock_file
+from tasks.execute import run_stage
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
 import faults  # noqa: E402
 
 

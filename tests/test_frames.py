@@ -213,7 +213,7 @@ class _FailingContainer:
 
 
 def test_decode_error_midway(caplog):
-    from stages.frames_video import decode_frames
+    from stages.frames.video import decode_frames
 
     log = logging.getLogger("test_frames")
     with caplog.at_level(logging.WARNING, logger="test_frames"):

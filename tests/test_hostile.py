@@ -452,7 +452,7 @@ def test_luigid_binds_to_loopback_by_default():
 
 @pytest.mark.parametrize("rel", ["../../x.png", "/etc/passwd", "images/../../x.png", "images/../../data/x.png"])
 def test_dataset_paths_stay_inside_the_root(tmp_path, rel):
-    from stages.importers import resolve_inside
+    from stages.frames.importers.common import resolve_inside
 
     root = tmp_path / "data"
     with pytest.raises(InputError, match="points outside the dataset folder"):

@@ -221,7 +221,7 @@ def test_npz_bomb_is_refused_on_its_header(tmp_path, bomb, message):
 # ---------------------------------------------------------------- legitimate inputs, read right
 
 def test_neus_16bit_images_and_masks_import_right(tmp_path):
-    from stages import importers
+    from stages.frames import importers
     from test_importers import ctx
 
     root = neus_scene(tmp_path / "dtu", grey16=True)
@@ -253,7 +253,7 @@ def test_float_tiff_photos_are_read_right(tmp_path):
     ("F", [0.2, float("inf")], "float image holds NaN or infinite values"),
     ("I", [0, 70000], "32-bit integer image with values 0..70000; expected 0..65535")])
 def test_to_8bit_scales_or_refuses(mode, values, expect):
-    from stages.frames import to_8bit
+    from pipeline.images import to_8bit
 
     dtype = {"F": np.float32, "I;16": np.uint16, "I": np.int32}[mode]
     im = Image.fromarray(np.array([values], dtype))
@@ -293,7 +293,7 @@ def test_repeated_photos_are_dropped_with_a_warning(tmp_path, caplog):
 # ---------------------------------------------------------------- symbolic links and the fingerprint
 
 def test_fingerprint_and_copies_leave_out_links_out_of_the_input(tmp_path, caplog):
-    from stages.frames import copy_ground_truth
+    from stages.frames.images import copy_ground_truth
 
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.cameras import GL_FROM_CV, load_transforms
 from pipeline.dag import Context
 from pipeline.errors import InputError
-from stages import importers
+from stages.frames import importers
 
 NUM_VIEWS, WIDTH, HEIGHT = 8, 96, 72
 

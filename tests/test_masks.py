@@ -20,7 +20,8 @@ import pytest
 from pipeline.config import MaskConfig
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
-from stages import masks, masks_post, masks_rembg
+from stages import masks
+from stages.masks import post as masks_post, rembg as masks_rembg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def test_rembg_custom_model_outside_home_end_to_end(tmp_path, rembg_home, caplog
     assert summary["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert "ONNX Runtime provider" in caplog.text
     for i, m in enumerate(truth):
-        got = masks_post.read_mask(tmp_path / "out" / "masks" / f"{i:06d}.png", m.shape)
+        got = masks_post.mask_or_none(tmp_path / "out" / "masks" / f"{i:06d}.png", m.shape)
         assert masks_post.iou(got, m) > 0.95
     assert os.environ["U2NET_HOME"] == str(rembg_home)  # the private home was undone
     assert not rembg_home.exists()  # nothing written into the user's rembg home
@@ -209,8 +210,8 @@ def _stems(sfm: Path) -> list[str]:
 
 
 def test_grabcut_reaches_iou_on_textured_background(scene, grabcut_out):
-    ious = [masks_post.iou(masks_post.read_mask(grabcut_out / "masks" / f"{s}.png"),
-                           masks_post.read_mask(scene["gt"] / f"{s}.png")) for s in _stems(scene["sfm"])]
+    ious = [masks_post.iou(masks_post.mask_or_none(grabcut_out / "masks" / f"{s}.png"),
+                           masks_post.mask_or_none(scene["gt"] / f"{s}.png")) for s in _stems(scene["sfm"])]
     print(f"grabcut mean IoU {np.mean(ious):.4f} (min {np.min(ious):.4f}) over {len(ious)} views")
     assert np.mean(ious) >= 0.9
     meta = _read_json(grabcut_out / "masks.json")
@@ -248,7 +249,7 @@ def test_consistency_flags_a_wrong_mask(scene, tmp_path):
 def test_kill_and_rerun_recomputes_only_missing(scene, grabcut_out, tmp_path, monkeypatch):
     """Kill a grabcut run in a subprocess mid-way, rerun: only the frames without a saved mask
     are segmented again, and the result equals the uninterrupted run's."""
-    from stages import masks_grabcut
+    import stages.masks.grabcut as masks_grabcut
 
     out = tmp_path / "out"
     out.mkdir()
@@ -279,8 +280,8 @@ def test_kill_and_rerun_recomputes_only_missing(scene, grabcut_out, tmp_path, mo
     summary = _run(scene["sfm"], out, method="grabcut")
     assert sorted(calls) == sorted(set(stems) - done) and summary["computed"] == 16
     for s in stems:  # same result as the uninterrupted run
-        np.testing.assert_array_equal(masks_post.read_mask(out / "masks" / f"{s}.png"),
-                                      masks_post.read_mask(grabcut_out / "masks" / f"{s}.png"))
+        np.testing.assert_array_equal(masks_post.mask_or_none(out / "masks" / f"{s}.png"),
+                                      masks_post.mask_or_none(grabcut_out / "masks" / f"{s}.png"))
     # A deleted and a corrupt final mask are recomputed; the other 14 are reused untouched.
     before = {s: (out / "masks" / f"{s}.png").stat().st_mtime_ns for s in stems}
     (out / "masks" / "000002.png").unlink()
@@ -308,7 +309,7 @@ def test_provided_mask_resampled_and_alpha(tmp_path):
 def test_grabcut_seed_reaches_down_to_the_supporting_plane():
     """SfM finds points on the ground and on the top of an object only (a white body gives none
     lower down): the seed region spans down to the plane, so legs are not cut off."""
-    from stages import masks_grabcut
+    import stages.masks.grabcut as masks_grabcut
     from train_inputs import orbit
 
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Block-wise marching cubes (stages.mesh_blocks) and the mesh stage, on analytic SDFs."""
+"""Block-wise marching cubes (stages.mesh.blocks) and the mesh stage, on analytic SDFs."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from pipeline.config import MeshConfig
 from pipeline.dag import Context
 from pipeline.errors import ConfigError, StageError
 from stages import mesh as mesh_stage
-from stages.mesh_blocks import compute_mesh
+from stages.mesh.blocks import compute_mesh
 
 CHUNK = 1 << 14
 

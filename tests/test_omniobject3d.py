@@ -17,8 +17,8 @@ from omni_fixtures import (apply_similarity, colmap_similarity, llff_poses_bound
 from pipeline.cameras import load_transforms, project
 from pipeline.dag import Context, Source
 from pipeline.errors import InputError
-from stages import importers
-from stages.importers import omniobject3d as omni
+from stages.frames import importers
+from stages.frames.importers import omniobject3d as omni
 
 NUM_VIEWS, WIDTH, HEIGHT = 8, 96, 72
 

@@ -17,7 +17,7 @@ from pipeline.config import SfmConfig
 from pipeline.dag import Context
 from pipeline.errors import StageError
 from stages import sfm
-from stages.sfm_colmap import exhaustive_pairs, first_octave, sequential_pairs
+from stages.sfm.colmap import exhaustive_pairs, first_octave, sequential_pairs
 
 ORBIT_VIEWS, ORBIT_RADIUS = 24, 2.0
 FAST = SfmConfig(max_num_features=2048, sequential_overlap=3, loop_closure_stride=4)
@@ -209,7 +209,7 @@ def test_partial_registration_names_the_failed_frames(tmp_path, orbit):
 
 
 def test_resume_reuses_features_and_matches(tmp_path, orbit, monkeypatch):
-    from stages import sfm_colmap
+    import stages.sfm.colmap as sfm_colmap
 
     frames = make_frames(tmp_path / "frames", orbit_images(orbit)[:8], "images")
 
@@ -237,7 +237,7 @@ def test_match_killed_mid_chunk_resumes_to_the_same_database(tmp_path, orbit):
     scene): the chunk is now redone whole and the database equals an uninterrupted run's."""
     import pycolmap
 
-    from stages import sfm_colmap
+    import stages.sfm.colmap as sfm_colmap
 
     images = orbit_images(orbit)[:16]
     names = [p.name for p in images]

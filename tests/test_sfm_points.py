@@ -18,7 +18,8 @@ from pipeline.cameras import load_transforms, project, save_transforms
 from pipeline.config import SfmPointsConfig
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
-from stages import bounds, sfm_points
+from stages import sfm_points
+from stages.sfm_points import bounds
 
 NUM_VIEWS, WIDTH, HEIGHT = 16, 96, 72
 

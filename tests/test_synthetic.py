@@ -15,7 +15,7 @@ from pipeline.cameras import load_neus_npz, load_transforms, project
 from pipeline.errors import ConfigError
 from pipeline.synthetic import SceneSpec, generate
 from pipeline.synthetic.mesh import SPOT_MESH
-from pipeline.synthetic.raster import rasterize
+from pipeline.raster import rasterize
 
 TINY = dict(num_views=8, width=96, height=72)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipeline.synthetic.background import Backdrop, shade_background
 from pipeline.synthetic.mesh import ObjectMesh
-from pipeline.synthetic.raster import rasterize
+from pipeline.raster import rasterize
 
 LIGHT_DIR = (0.35, -0.45, 0.82)  # towards the light, world frame (z up)
 AMBIENT, DIFFUSE = 0.38, 0.62

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import ConfigError
+
 VERSION = "1"
 
 
 def run(inputs: dict[str, Path], cfg, out_dir: Path, ctx) -> dict:
+    """Train in this process, or on ``train.gpus`` > 1 ranks started by torchrun
+    (``stages.train.ddp.launch``), each of which runs ``stages.train.stage.run_stage``."""
+    if cfg.gpus < 1:
+        raise ConfigError(f"train.gpus must be at least 1, got {cfg.gpus}")
+    if cfg.gpus > 1:
+        from stages.train.ddp import launch
+
+        return launch(inputs, cfg, Path(out_dir), ctx, VERSION)
     from stages.train.stage import run_stage
 
-    return run_stage(inputs, cfg, Path(out_dir), ctx)
+    return run_stage(inputs, cfg, Path(out_dir), ctx, version=VERSION)
 
 
 def load_sdf(model_dir: Path, device="cpu"):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.fsutil import atomic_file
 
 NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -41,18 +41,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.devices import require_visible_gpus
 from pipeline.errors import ConfigError, InputError, PipelineError, StageError
 from pipeline.fsutil import atomic_write_json
-from stages.devices import require_visible_gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB, SUMMARY, ERROR = ".ddp_job.json", ".ddp_summary.json", ".ddp_error_{}.json"
@@ -170,7 +170,7 @@ def check_config(cfg) -> None:
                           "each GPU draws an equal share of the rays")
 
 
-def launch(inputs: dict, cfg, out_dir: Path, ctx) -> dict:
+def launch(inputs: dict, cfg, out_dir: Path, ctx, version: str = "") -> dict:
     """Run the train stage on ``cfg.gpus`` ranks with torchrun; returns rank 0's summary."""
     check_config(cfg)
     n = int(cfg.gpus)
@@ -181,7 +181,7 @@ def launch(inputs: dict, cfg, out_dir: Path, ctx) -> dict:
     threads = max(1, (int(ctx.threads) or os.cpu_count() or 1) // n)
     job = {"inputs": {k: str(v) for k, v in inputs.items()}, "section": dataclasses.asdict(cfg),
            "out_dir": str(out_dir), "device": "cuda" if cuda else "cpu", "threads": 0 if cuda else threads,
-           "progress": bool(ctx.progress), "scene": ctx.scene,
+           "progress": bool(ctx.progress), "scene": ctx.scene, "version": version,
            "debug": ctx.log.getEffectiveLevel() <= logging.DEBUG}
     _clear(out_dir)
     atomic_write_json(out_dir / JOB, job)
@@ -266,7 +266,7 @@ def worker(job_path: Path) -> int:
         ctx = Context(scene=job["scene"], device=str(device), progress=job["progress"] and rank == 0,
                       threads=job["threads"], log=log)
         summary = run_stage({k: Path(v) for k, v in job["inputs"].items()}, section_from_dict("train", job["section"]),
-                            out_dir, ctx, comm=Comm(rank, world, device))
+                            out_dir, ctx, comm=Comm(rank, world, device), version=job.get("version", ""))
         if rank == 0:
             atomic_write_json(out_dir / SUMMARY, summary)
         # leave together: a rank that tears its group down while another is still inside a

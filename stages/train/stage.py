@@ -1,6 +1,5 @@
-"""The train stage's ``run``: load inputs, train (resuming), write ``model.pt`` and ``train.json``.
-With ``train.gpus`` > 1 it hands over to ``stages.train.ddp.launch`` (torchrun), whose ranks
-come back here with a ``comm``."""
+"""One training process: load inputs, train (resuming), write ``model.pt`` and ``train.json``.
+Each rank of a DDP run (``stages.train.ddp``) runs it too, with a ``comm``."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_json
 from stages.train import checkpoint, loop
 from stages.train.data import load_scene, split_views
@@ -78,17 +76,10 @@ def evaluate_holdout(run: loop.Run, scene, held: np.ndarray, cfg) -> dict:
             "holdout_psnr_views": [scene.names[v] for v in views]}
 
 
-def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None, comm=None) -> dict:
+def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None, comm=None, version: str = "") -> dict:
     """Train into ``out_dir``. ``comm``: this process is one rank of a DDP run (only rank 0
-    writes files and returns the summary; the others return {})."""
-    from stages.train import VERSION
-
-    if cfg.gpus < 1:
-        raise ConfigError(f"train.gpus must be at least 1, got {cfg.gpus}")
-    if cfg.gpus > 1 and comm is None:
-        from stages.train.ddp import launch
-
-        return launch(inputs, cfg, Path(out_dir), ctx)
+    writes files and returns the summary; the others return {}). ``version``: the stage's code
+    version, recorded in ``model.pt``."""
     out_dir = Path(out_dir)
     log, device = ctx.log, resolve_device(ctx.device)
     if ctx.threads and device.type == "cpu":
@@ -110,7 +101,7 @@ def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None, comm=None) -> di
     ddp = comm.finish(run) if comm is not None else None
     if not run.main:
         return {}
-    save_model(run, scene, out_dir, VERSION)
+    save_model(run, scene, out_dir, version)
     t0 = time.perf_counter()
     holdout = evaluate_holdout(run, scene, held, cfg)
     summary = summarise(run, progress, holdout, held, scene, device)

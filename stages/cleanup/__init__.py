@@ -2,12 +2,12 @@
 (``mesh.ply``, ``mesh.obj``, ``mesh.glb``; a UV texture when asked) and ``cleanup.json``.
 
 Steps: coincident vertices welded (as viewers weld them on load, see
-``stages.cleanup_topology``), duplicates and null faces out; small components out (diagonal
+``stages.cleanup.topology``), duplicates and null faces out; small components out (diagonal
 below a share of the largest component's); faces culled that project outside the masks in
 most views that see them, then small components again; faces at non-manifold edges and
 vertices removed; holes up to ``max_hole_edges`` closed; faces oriented coherently and each
 closed component outward (signed volume); optional quadric decimation and Taubin smoothing,
-then a weld again; vertex colours from the images (``stages.colour``), falling back to the
+then a weld again; vertex colours from the images (``stages.cleanup.colour``), falling back to the
 raw mesh colours. ``cleanup.json``'s topology is that of the welded mesh.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
-from stages.cleanup_topology import components, make_manifold, topology, weld
+from stages.cleanup.topology import components, make_manifold, topology, weld
 
 VERSION = "2"  # 2: topology measured, and the mesh repaired, after welding coincident vertices
 PUBLISH = ("mesh.ply", "mesh.obj", "mesh.glb")
@@ -128,7 +128,7 @@ def repair_and_close(vertices, faces, max_hole_edges: int, log=None, close_all: 
                      ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Weld coincident vertices; make the mesh two-manifold by removing faces at non-manifold
     edges and vertices (never splitting a vertex into coincident copies: see
-    ``stages.cleanup_topology``); close holes; orient coherently (pymeshlab). Holes up to
+    ``stages.cleanup.topology``); close holes; orient coherently (pymeshlab). Holes up to
     ``max_hole_edges`` are filled with patches that may not cut the surface; with ``close_all``
     every hole still open afterwards is filled too, without that check (a watertight result).
     Hole patches that come out non-manifold are removed and their holes closed again."""
@@ -190,7 +190,7 @@ def colour_vertices(vertices, faces, views, raw_vertices, raw_colours, progress:
     vertex's colour (or grey). Returns the colours and the share of vertices seen."""
     from scipy.spatial import cKDTree
 
-    from stages.colour import blend_colours, vertex_normals
+    from stages.cleanup.colour import blend_colours, vertex_normals
 
     rgb, weight = blend_colours(vertices, vertex_normals(vertices, faces), vertices, faces, views, progress)
     colours = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -230,7 +230,7 @@ def cull_by_masks(vertices, faces, views, cfg, ctx):
     """Remove faces that fall outside the masks in more than ``cull_ratio`` of the (at least
     ``cull_min_views``) views that see them; then the pieces left that the views barely see
     (e.g. the undersides of culled background slabs)."""
-    from stages.colour import mask_votes
+    from stages.cleanup.colour import mask_votes
 
     seen, outside = mask_votes(vertices, faces, views, cfg.cull_dilate_px, ctx.progress)
     cull = (seen >= cfg.cull_min_views) & (outside > cfg.cull_ratio * seen)
@@ -286,7 +286,7 @@ def _texture(vertices, faces, views, colours, cfg, ctx):
     except ImportError:
         ctx.log.warning("cleanup: texture=true but the xatlas package is not installed; vertex colours only")
         return None
-    from stages.colour import bake_texture
+    from stages.cleanup.colour import bake_texture
 
     return bake_texture(vertices, faces, views, cfg.texture_size, colours, ctx.progress)
 
@@ -294,7 +294,7 @@ def _texture(vertices, faces, views, colours, cfg, ctx):
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     """Clean ``inputs["mesh"]/mesh_raw.ply`` into ``out_dir``; masks and images from
     ``inputs["masks"]`` (optional) and ``inputs["sfm"]``."""
-    from stages.colour import load_views
+    from stages.cleanup.colour import load_views
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.cameras import Cameras, project
-from stages import masks_post as post
+import stages.masks.post as post
 
 GC_BGD, GC_FGD, GC_PR_BGD, GC_PR_FGD = 0, 1, 2, 3
 MIN_WORK_SIDE = 320  # small object regions are upsampled (up to MAX_UPSCALE) for sub-pixel edges
@@ -324,7 +324,7 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
             def save(stem, m, d=pass_dir):
                 post.write_mask(d / f"{stem}.png", post.clean_mask(m, cfg.keep_components, cfg.fill_holes, 0))
             skip = {s for i, s in enumerate(stems)
-                    if s not in todo or post.read_mask(pass_dir / f"{s}.png", shapes[i]) is not None}
+                    if s not in todo or post.mask_or_none(pass_dir / f"{s}.png", shapes[i]) is not None}
         hull = None
         if prev is not None and cams is not None:
             hull = post.visual_hull(prev, cams, res=int(cfg.grabcut_hull_res), tol=CONSENSUS_TOL)
@@ -343,7 +343,7 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
         if not last:
             prev = []
             for i, s in enumerate(stems):
-                m = post.read_mask(pass_dir / f"{s}.png", shapes[i])
+                m = post.mask_or_none(pass_dir / f"{s}.png", shapes[i])
                 prev.append(m if m is not None else final.get(s))
     if stats.get("repaired"):
         log.info("masks: %d masks spilled outside the multi-view consensus and were redone", stats["repaired"])

@@ -1,7 +1,7 @@
 """Frames from a photo folder: EXIF-rotated RGB JPEGs of one size, in file-name order.
 
 Two passes: headers first (size after EXIF orientation, to pick the common size; a photo whose
-decode would not fit ``frames.MAX_DECODE_BYTES`` is skipped there), then one photo at a time is
+decode would not fit ``pipeline.images.MAX_DECODE_BYTES`` is skipped there), then one photo at a time is
 decoded, at reduced scale where the format allows (JPEG ``draft``), so huge photos never sit in
 memory at full size more than once. In a folder of 3 photos or more, exact and near duplicates of
 an earlier photo (the video's ``frames.dedup_threshold`` test, against every kept photo) are
@@ -22,9 +22,8 @@ import numpy as np
 from pipeline.dag import Context
 from pipeline.errors import InputError
 from pipeline.log import progress
-from stages.frames import (MAX_DECODE_BYTES, compute_thumbnail, decode_bytes, describe, frame_name,
-                           is_duplicate_of_any, measure_grey, open_image, save_jpeg_atomic, scaled_size,
-                           to_8bit)
+from pipeline.images import MAX_DECODE_BYTES, decode_bytes, describe, open_image, to_8bit
+from stages.frames.images import compute_thumbnail, frame_name, is_duplicate_of_any, measure_grey, save_jpeg_atomic, scaled_size
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 ASPECT_TOLERANCE = 0.01  # relative aspect difference above which a photo is center-cropped

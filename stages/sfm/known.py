@@ -22,8 +22,8 @@ from pipeline.log import progress
 
 def run_known(frames_dir: Path, source_kind: str, cfg: Any, out_dir: Path, ctx: Context) -> dict:
     """Triangulate points for the cameras in ``frames_dir/transforms.json``; write the sfm/ folder."""
-    from stages import sfm_colmap as sc
-    from stages.sfm import WORK, match_all, prepare_work, resolve_matcher, timed
+    import stages.sfm.colmap as sc
+    from stages.sfm.steps import WORK, match_all, prepare_work, resolve_matcher, timed
 
     cams = load_transforms(frames_dir / "transforms.json")
     names = [Path(n).name for n in cams.names]
@@ -99,7 +99,7 @@ def triangulate(db: Path, image_dir: Path, rec: Any, out: Path, ctx: Context) ->
     """pycolmap.triangulate_points with poses and intrinsics held fixed."""
     import pycolmap
 
-    from stages.sfm_colmap import num_threads, quiet_colmap
+    from stages.sfm.colmap import num_threads, quiet_colmap
 
     out.mkdir(parents=True, exist_ok=True)
     quiet_colmap(ctx)

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.fsutil import atomic_write_text
-from stages import report_figures as F
-from stages.evaluate import held_out_views, pick_views, read_mask, scaled_camera
+import stages.evaluate.figures as F
+from pipeline.images import read_mask
+from stages.evaluate.scene import held_out_views, pick_views, scaled_camera
 
 THUMB_SIDE = 160  # contact sheet thumbnails
 OVERLAY_COUNT = 8  # frames with their mask overlaid
@@ -153,7 +154,8 @@ def masks_section(scene) -> str:
     tiles, labels = [], []
     for i in views:
         rgb = F.load_rgb(scene.inputs["sfm"] / scene.cams.names[i], 2 * THUMB_SIDE)
-        mask = read_mask(mask_dir / f"{Path(scene.cams.names[i]).stem}.png", rgb.shape[1], rgb.shape[0])
+        mask = read_mask(mask_dir / f"{Path(scene.cams.names[i]).stem}.png", (rgb.shape[1], rgb.shape[0]),
+                         resize=True)
         tiles.append(F.overlay_mask(rgb, mask))
         labels.append(f"{Path(scene.cams.names[i]).stem} ({100 * mask.mean():.0f} %)")
     return "<h2>Masks</h2>" + figure(F.data_uri(F.grid(tiles, labels, columns=4), "JPEG"),
@@ -206,7 +208,7 @@ def renders_section(scene, cfg) -> str:
                  figure(F.data_uri(render, "JPEG"), f"mesh from camera {name}")]
         mask_path = mask_dir / f"{name}.png"
         if mask_path.is_file():
-            cmp = F.compare_silhouettes(covered, read_mask(mask_path, w, h))
+            cmp = F.compare_silhouettes(covered, read_mask(mask_path, (w, h), resize=True))
             cells.append(figure(F.data_uri(cmp), "silhouette: grey both, red mask only, blue mesh only"))
         blocks.append('<div class="row">' + "".join(cells) + "</div>")
     return ("<h2>Mesh renders next to the input frames</h2>"

@@ -2,7 +2,7 @@
 curves and shaded mesh renders, returned as images (uint8 arrays) or PNG bytes.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no display). Renders use the
-torch rasteriser of ``pipeline.synthetic.raster`` with Lambertian head-light shading.
+torch rasteriser of ``pipeline.raster`` with Lambertian head-light shading.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import metrics as M
+import stages.evaluate.metrics as M
 
 BACKGROUND = np.array([235, 235, 235], np.float32)  # render background (light grey)
 GREY = np.array([200, 200, 200], np.float32)  # mesh colour without vertex colours
@@ -94,7 +94,7 @@ def render_shaded(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | 
     """Lambertian render (head light, two-sided) with vertex colours: RGB uint8 and coverage mask."""
     import torch
 
-    from pipeline.synthetic.raster import rasterize
+    from pipeline.raster import rasterize
 
     image = np.tile(BACKGROUND, (height * width, 1))
     if len(faces) == 0:

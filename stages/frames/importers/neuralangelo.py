@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.dag import Context
 from pipeline.errors import InputError
-from stages.importers import (DatasetScene, as_number, find_image, image_size, read_json, sphere_extra,
+from stages.frames.importers.common import (DatasetScene, as_number, find_image, image_size, read_json, sphere_extra,
                               transforms_cameras, transforms_frames)
 
 DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")

@@ -1,13 +1,5 @@
-"""Stage 2, sfm: frames/ -> camera poses and intrinsics with pycolmap (COLMAP 4.2.1).
-
-SIFT extraction (one shared camera), matching (sequential with loop closure for video,
-exhaustive for photo sets), incremental or global mapping, a final bundle adjustment that
-may refine the principal point, and undistortion to PINHOLE. Outputs: ``sparse/`` (the
-undistorted largest model), ``images/`` (undistorted, names as in frames/images),
-``transforms.json`` and ``sfm.json``. When frames/ carries ``transforms.json`` (a dataset
-importer brought cameras), no mapping runs: points are triangulated with the given poses
-(``stages.sfm_known``). Too few registered frames end the stage with a ``StageError``.
-"""
+"""The steps of the sfm stage that both paths share (mapping from scratch, and triangulation with
+known cameras): reading frames/, the scratch folder, matching, mapping with a fallback, checks, outputs."""
 from __future__ import annotations
 
 import json
@@ -20,8 +12,6 @@ from typing import Any, Iterator
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 
-VERSION = "2"
-
 MIN_FRAMES = 3
 FEW_FEATURES = 50  # a frame with fewer SIFT keypoints than this counts as blank / textureless
 WORK = "_work"  # scratch folder inside out_dir (database, raw models); removed on success
@@ -29,60 +19,10 @@ TRY = ("Try: a more textured object or background, more overlap between views (s
        "more frames), another sfm.matcher or sfm.mapper, or photos instead of a video.")
 
 
-def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
-    """Reconstruct cameras for ``inputs['frames']`` into ``out_dir``; return the sfm.json summary."""
-    frames_dir, out_dir = Path(inputs["frames"]), Path(out_dir)
-    names, source_kind = read_frames(frames_dir)
-    if (frames_dir / "transforms.json").is_file():
-        from stages.sfm_known import run_known
-
-        return run_known(frames_dir, source_kind, cfg, out_dir, ctx)
-    if len(names) < MIN_FRAMES:
-        raise StageError(f"sfm: {len(names)} frame(s) in {frames_dir}, SfM needs at least {MIN_FRAMES}. "
-                         "Give more photos or a longer video (or lower frames.dedup_threshold).")
-    from stages import sfm_colmap as sc
-
-    sc.quiet_colmap(ctx)
-    work, image_dir = out_dir / WORK, frames_dir / "images"
-    timings: dict[str, float] = {}  # wall seconds per step
-    cpu: dict[str, float] = {}  # process CPU seconds per step (all threads)
-    db = prepare_work(work, ctx)
-    with timed(ctx, "extract", timings, f"SIFT features of {len(names)} frames", cpu):
-        if not (work / "extract.done").exists():
-            sc.extract(db, image_dir, names, cfg, ctx, cfg.camera_model)
-            sc.reset_implausible_focal(db, ctx)
-            (work / "extract.done").touch()
-    counts = sc.feature_counts(db)
-    check_features(names, counts)
-    matcher = resolve_matcher(cfg.matcher, source_kind)
-    pairs = match_all(db, names, matcher, cfg, work, ctx, timings, cpu)
-    verified = sc.num_verified_pairs(db)
-    with timed(ctx, "map", timings, f"{cfg.mapper} mapping", cpu):
-        rec, mapping = map_with_fallback(db, image_dir, work, names, cfg, ctx)
-    check_registration(rec, names, counts, verified, cfg)
-    with timed(ctx, "ba", timings, "final bundle adjustment", cpu):
-        rec, ba_report = sc.refine_intrinsics(rec, cfg.refine_principal_point, cfg.ba_max_iterations, ctx)
-    distorted = sc.camera_summary(rec)
-    with timed(ctx, "undistort", timings, "undistortion to PINHOLE", cpu):
-        (work / "model").mkdir(exist_ok=True)
-        rec.write(work / "model")
-        sc.undistort(work / "model", image_dir, work / "undistorted", ctx)
-        publish_undistorted(work / "undistorted", out_dir)
-    summary = write_outputs(out_dir, names, rec, {**timings, "cpu": cpu}, extra={
-        "known_cameras": False, "matcher": matcher, "num_pairs": len(pairs), "num_verified_pairs": verified,
-        **mapping, "camera_model": cfg.camera_model, "distorted_cameras": distorted, "final_ba": ba_report,
-        "device": str(sc.colmap_device(ctx)).split(".")[-1],
-        "features_median": int(sorted(counts.values())[len(counts) // 2]) if counts else 0,
-        "threads": sc.cores(ctx),
-    })
-    shutil.rmtree(work, ignore_errors=True)
-    return summary
-
-
 def match_all(db: Path, names: list[str], matcher: str, cfg: Any, work: Path, ctx: Context,
               timings: dict, cpu: dict | None = None) -> list[tuple[int, int]]:
     """Build the pair list for ``matcher`` and match it (skipped when a killed run had finished it)."""
-    from stages import sfm_colmap as sc
+    import stages.sfm.colmap as sc
 
     pairs = (sc.sequential_pairs(len(names), cfg.sequential_overlap, cfg.loop_closure_stride)
              if matcher == "sequential" else sc.exhaustive_pairs(len(names)))
@@ -97,7 +37,7 @@ def map_with_fallback(db: Path, image_dir: Path, work: Path, names: list[str], c
                       ctx: Context) -> tuple[Any, dict]:
     """Map with ``cfg.mapper``; if it leaves frames out and ``cfg.fallback_mapper``, also map with
     the other mapper and keep the model with more registered frames. Returns (model, report)."""
-    from stages import sfm_colmap as sc
+    import stages.sfm.colmap as sc
 
     rec, num_models = sc.map_images(db, image_dir, work / "models", cfg.mapper, cfg, len(names), ctx)
     report = {"mapper": cfg.mapper, "num_models": num_models}
@@ -209,7 +149,7 @@ def write_outputs(out_dir: Path, names: list[str], rec_distorted: Any, timings: 
     import pycolmap
 
     from pipeline.cameras import save_transforms
-    from stages import sfm_colmap as sc
+    import stages.sfm.colmap as sc
 
     rec = pycolmap.Reconstruction(out_dir / "sparse")
     cams = sc.reconstruction_cameras(rec, names)

@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.cameras import intrinsics
 from pipeline.dag import Context
 from pipeline.errors import InputError
-from stages.importers import DatasetScene, check_cameras, resolve_inside
+from stages.frames.importers.common import DatasetScene, check_cameras, resolve_inside
 
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 

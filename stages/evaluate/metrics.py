@@ -84,7 +84,7 @@ def render_silhouette(vertices: np.ndarray, faces: np.ndarray, K: np.ndarray, c2
     """
     import torch
 
-    from pipeline.synthetic.raster import rasterize
+    from pipeline.raster import rasterize
 
     s = int(supersample)
     Ks = np.diag([s, s, 1.0]) @ K

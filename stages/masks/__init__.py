@@ -1,13 +1,13 @@
 """Stage 3, masks: one object mask per undistorted SfM image -> ``masks/<stem>.png`` + ``masks.json``.
 
 Methods (``masks.method``): ``provided`` (masks that came with the dataset, frames/masks/),
-``rembg`` (an ONNX segmentation model, ``masks_rembg``), ``grabcut`` (no model; seeded from
-the SfM points and refined by multi-view consensus, ``masks_grabcut``), ``none``, and
+``rembg`` (an ONNX segmentation model, ``stages.masks.rembg``), ``grabcut`` (no model; seeded from
+the SfM points and refined by multi-view consensus, ``stages.masks.grabcut``), ``none``, and
 ``auto`` = provided > rembg when its model is on disk > grabcut. Masks are written one by one
 atomically; a rerun keeps every valid mask already in ``out_dir``. Computed masks are cleaned
-(largest components, holes, dilation: ``masks_post.clean_mask``); provided masks are only
+(largest components, holes, dilation: ``stages.masks.post.clean_mask``); provided masks are only
 dilated. Finally a visual hull of all masks flags frames that disagree with the others
-(``masks_post.consistency``).
+(``stages.masks.post.consistency``).
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ import numpy as np
 
 from pipeline.cameras import Cameras, load_transforms
 from pipeline.dag import Context
+from pipeline.images import IMAGE_SUFFIXES
 from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
 from pipeline.log import progress
-from stages import masks_post as post
+import stages.masks.post as post
 
 VERSION = "1"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 WORK_DIR = "_grabcut_work"
 CONSISTENCY_SIDE = 400  # masks are downscaled to this long side for the consistency check
 EMPTY_COVERAGE = 0.001  # a mask covering less than this share of its image holds no object
@@ -53,7 +53,7 @@ def list_views(sfm_dir: Path) -> tuple[list[str], list[Path], Cameras | None]:
             raise InputError(f"masks: {paths[0]} is {image_shape(paths[0])[::-1]} but {tf} says "
                              f"{cams.width}x{cams.height}; the sfm stage output is inconsistent")
         return [p.stem for p in paths], paths, cams
-    paths = sorted(p for p in img_dir.glob("*") if p.suffix.lower() in IMAGE_EXTS) if img_dir.is_dir() else []
+    paths = sorted(p for p in img_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if img_dir.is_dir() else []
     if not paths:
         raise InputError(f"masks: no images in {img_dir}; the sfm stage output is incomplete")
     return [p.stem for p in paths], paths, None
@@ -82,7 +82,7 @@ def provided_dir(frames_dir: Path | None) -> Path | None:
 
 def resolve_method(cfg: Any, frames_dir: Path | None, log) -> str:
     """``auto``: provided masks, else rembg when its model is on disk, else grabcut (warned)."""
-    from stages.masks_rembg import local_model, model_file
+    from stages.masks.rembg import local_model, model_file
 
     if cfg.method != "auto":
         if cfg.method == "provided" and provided_dir(frames_dir) is None:
@@ -148,7 +148,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     mask_dir = out_dir / "masks"
     mask_dir.mkdir(parents=True, exist_ok=True)
     _clear_temp_files(mask_dir)
-    final = {s: post.read_mask(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)}
+    final = {s: post.mask_or_none(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)}
     todo = [i for i, s in enumerate(stems) if final[s] is None]
     reused = len(stems) - len(todo)
     if reused:
@@ -164,7 +164,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
 
     summary.update(_compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, todo, final,
                             finish, bar, out_dir))
-    masks = [post.read_mask(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)]
+    masks = [post.mask_or_none(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)]
     if any(m is None for m in masks):
         raise StageError("masks: some masks were not written; rerun the stage")
     check_usable(masks, method, provided_dir(frames_dir) if method == "provided" else mask_dir)
@@ -192,7 +192,7 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
         return {"source": str(src.relative_to(frames_dir.parent)) if frames_dir else str(src)}
     if method == "rembg":
         from pipeline.fsutil import sha256_file
-        from stages import masks_rembg
+        import stages.masks.rembg as masks_rembg
 
         info: dict = {"model": Path(cfg.model_path).name if cfg.model_path else cfg.model}
         if todo:
@@ -205,7 +205,7 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
             info["model_sha256"] = sha256_file(local)
         return info
     if method == "grabcut":
-        from stages import masks_grabcut
+        import stages.masks.grabcut as masks_grabcut
 
         obj = span = np.zeros((0, 3))
         if todo and cams is not None:

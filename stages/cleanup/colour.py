@@ -1,5 +1,5 @@
 """A mesh seen from the calibrated views: per-view visibility by a z-buffer (the torch
-rasteriser ``pipeline.synthetic.raster``), mask votes for culling, colours blended from the
+rasteriser ``pipeline.raster``), mask votes for culling, colours blended from the
 images for vertices or any surface points (texels of a UV atlas), and the atlas baking.
 
 A point is *seen* by a view when it projects inside the image, faces the camera and is not
@@ -76,7 +76,7 @@ class ViewDepth:
     def __init__(self, vertices, faces, K: np.ndarray, c2w: np.ndarray, width: int, height: int):
         import torch
 
-        from pipeline.synthetic.raster import rasterize
+        from pipeline.raster import rasterize
 
         w2c = np.linalg.inv(c2w)
         self.R = torch.as_tensor(w2c[:3, :3], dtype=torch.float64)
@@ -207,7 +207,7 @@ def rasterize_atlas(uvs: np.ndarray, faces: np.ndarray, size: int):
     """Texel -> (face, barycentrics) of a UV layout (uv in [0, 1], v up; row 0 = top)."""
     import torch
 
-    from pipeline.synthetic.raster import rasterize
+    from pipeline.raster import rasterize
 
     xy = torch.as_tensor(np.stack([uvs[:, 0] * size, (1.0 - uvs[:, 1]) * size], 1), dtype=torch.float32)
     face, bary = rasterize(xy, torch.ones(len(uvs)), torch.as_tensor(faces, dtype=torch.int64), size, size)

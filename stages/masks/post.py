@@ -12,19 +12,18 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cameras import Cameras, project
+from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
+from pipeline.images import read_mask
 
 
-def read_mask(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray | None:
-    """A mask PNG as bool (H, W), or None when missing, unreadable or of another size."""
-    import cv2
-
-    if not Path(path).is_file():
+def mask_or_none(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray | None:
+    """A mask PNG as bool (H, W), or None when missing, unreadable or of another ``shape``
+    (H, W): what a killed run left half-written is made again."""
+    try:
+        return read_mask(path, None if shape is None else (shape[1], shape[0]))
+    except InputError:
         return None
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None or (shape is not None and img.shape != tuple(shape)):
-        return None
-    return img > 127
 
 
 def write_mask(path: Path, mask: np.ndarray) -> None:

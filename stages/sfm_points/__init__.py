@@ -138,7 +138,7 @@ def similarities(center: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndar
 
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
-    from stages import bounds
+    import stages.sfm_points.bounds as bounds
 
     sfm_dir, out_dir = Path(inputs["sfm"]), Path(out_dir)
     cams = load_transforms(sfm_dir / "transforms.json")

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.dag import Context
 from pipeline.errors import InputError
 from pipeline.log import progress_bar
-from stages.frames import (MIN_TEXTURE_STD, compute_thumbnail, frame_name,
+from stages.frames.images import (MIN_TEXTURE_STD, compute_thumbnail, frame_name,
                            is_duplicate, measure_grey, resize_max_side,
                            save_jpeg_atomic)
 

@@ -39,8 +39,9 @@ from pipeline.cameras import intrinsics
 from pipeline.dag import Context
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json
-from stages.frames import copy_input_tree
-from stages.importers import (IMAGE_SUFFIXES, DatasetScene, as_number, check_cameras, find_image, image_size,
+from stages.frames.images import copy_input_tree
+from pipeline.images import IMAGE_SUFFIXES
+from stages.frames.importers.common import (DatasetScene, as_number, check_cameras, find_image, image_size,
                               list_images, read_json, resolve_inside, transforms_cameras, transforms_frames)
 
 SCAN_FROM_RENDER_AXES = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])  # A^T
@@ -119,7 +120,7 @@ def scan_from_render(c2w: np.ndarray, scale: float) -> np.ndarray:
 # ---------------------------------------------------------------- videos_processed
 
 def load_video(root: Path, ctx: Context) -> DatasetScene:
-    from stages.importers import colmap
+    import stages.frames.importers.colmap as colmap
 
     if not (root / "images").is_dir():
         raise InputError(f"{root}: no images/ folder (OmniObject3D videos_processed/<cat>/<obj>/standard)")
@@ -184,7 +185,7 @@ def registered_names(root: Path) -> list[str] | None:
     model): LLFF wrote one row per such image, in this order. None without a readable model."""
     import pycolmap
 
-    from stages.importers.colmap import find_model
+    from stages.frames.importers.colmap import find_model
 
     try:
         rec = pycolmap.Reconstruction(str(find_model(root)))

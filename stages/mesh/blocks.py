@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pipeline.fsutil import atomic_file
 from pipeline.log import progress as progress_bar
 
 FORMAT = 1  # bump when the block files change meaning
@@ -276,14 +277,8 @@ def _block_path(blocks_dir: Path, index) -> Path:
 
 
 def _save_block(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, durable=False) as fh:
+        np.savez(fh, **data)
 
 
 def _prepare_blocks_dir(blocks_dir: Path, grid: Grid) -> None:

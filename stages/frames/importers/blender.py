@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.dag import Context
 from pipeline.errors import InputError
-from stages.importers import (DatasetScene, find_image, image_size, read_json, sphere_extra,
+from stages.frames.importers.common import (DatasetScene, find_image, image_size, read_json, sphere_extra,
                               transforms_cameras, transforms_frames)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +20,16 @@ import numpy as np
 from pipeline.align import camera_errors
 from pipeline.cameras import Cameras, load_transforms
 from pipeline.dag import STAGES, Context
-from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json
+from pipeline.images import read_mask
 from pipeline.log import progress
-from stages import metrics as M
+import stages.evaluate.metrics as M
+from stages.evaluate.scene import (HOLDOUT_EVERY, EvalScene, find_gt_mesh, gt_info, load_mesh, load_scene,
+                                   pick_views, read_json, scaled_camera)
 
 VERSION = "1"
 PUBLISH = ("report.html", "metrics.json")
-HOLDOUT_EVERY = 8  # without train.json holdout_views: views 0, 8, 16, ... are taken as held out
 ICP_POINTS = 20000  # reconstruction samples used by ICP
-MESH_SUFFIXES = (".ply", ".obj", ".stl", ".off", ".glb")
-
-
-@dataclass
-class EvalScene:
-    """Everything the metrics and the report read, loaded once from the upstream folders."""
-
-    inputs: dict[str, Path]
-    vertices: np.ndarray  # (V, 3) reconstruction in the SfM world
-    faces: np.ndarray  # (F, 3)
-    colors: np.ndarray | None  # (V, 3) uint8 vertex colours or None
-    cams: Cameras  # SfM cameras (undistorted PINHOLE), names "images/<file>"
-    frames_meta: dict
-    gt_dir: Path | None
 
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
@@ -65,7 +51,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     result["stage_seconds"] = stage_seconds(inputs)
     result["seconds"] = round(time.perf_counter() - start, 3)
     atomic_write_json(out_dir / "metrics.json", result)
-    from stages.report import write_report
+    from stages.evaluate.report import write_report
 
     write_report(out_dir / "report.html", scene, result, cfg, ctx)
     summary = summarize(result)
@@ -75,57 +61,15 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
 
 # ---------------------------------------------------------------- loading
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing; rerun the stage that writes it") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read ({exc})") from None
-
-
-def load_mesh(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Vertices, faces and vertex colours (uint8 RGB, or None) of a mesh file."""
-    import trimesh
-
-    if not Path(path).is_file():
-        raise InputError(f"{path}: mesh file missing; rerun the cleanup stage")
-    try:
-        mesh = trimesh.load(path, force="mesh", process=False)
-    except Exception as exc:  # trimesh raises many types on bad files
-        raise InputError(f"{path}: cannot read the mesh ({type(exc).__name__}: {exc})") from None
-    colors = None
-    if getattr(mesh.visual, "kind", None) == "vertex":
-        colors = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(np.uint8)
-    return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64), colors
-
-
-def load_scene(inputs: dict[str, Path]) -> EvalScene:
-    vertices, faces, colors = load_mesh(inputs["cleanup"] / "mesh.ply")
-    cams = load_transforms(inputs["sfm"] / "transforms.json")
-    frames_meta = _read_json(inputs["frames"] / "frames.json")
-    gt_dir = inputs["frames"] / frames_meta["gt"] if frames_meta.get("gt") else None
-    if gt_dir is not None and not gt_dir.is_dir():
-        raise InputError(f"{gt_dir}: frames.json names a ground-truth folder that is missing")
-    return EvalScene(inputs, vertices, faces, colors, cams, frames_meta, gt_dir)
-
 
 def _mesh_info(scene: EvalScene) -> dict:
     info = {"vertices": int(len(scene.vertices)), "faces": int(len(scene.faces)),
             "vertex_colors": scene.colors is not None}
     cleanup = scene.inputs["cleanup"] / "cleanup.json"
     if cleanup.is_file():
-        data = _read_json(cleanup)
+        data = read_json(cleanup)
         info.update({k: v for k, v in data.items() if isinstance(v, (bool, int, float, str))})
     return info
-
-
-def find_gt_mesh(gt_dir: Path) -> Path | None:
-    preferred = gt_dir / "gt_mesh.ply"
-    if preferred.is_file():
-        return preferred
-    found = sorted(p for p in gt_dir.rglob("*") if p.suffix.lower() in MESH_SUFFIXES)
-    return found[0] if found else None
 
 
 # ---------------------------------------------------------------- alignment and geometry
@@ -167,15 +111,6 @@ def reference_cameras(scene: EvalScene) -> tuple[Path, list[tuple[int, int]]]:
     if not path.is_file():
         raise LookupError(f"no GT cameras ({path.name} missing in the ground-truth folder)")
     return path, gt_view_pairs(scene.frames_meta, scene.cams.names, load_transforms(path).names)
-
-
-def gt_info(gt_dir: Path) -> dict:
-    """``gt.json`` of a ground-truth folder, or {} when there is none (or it does not parse)."""
-    try:
-        info = json.loads((gt_dir / "gt.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 def gt_is_unaligned(gt_dir: Path) -> bool:
@@ -291,30 +226,6 @@ def evaluate_geometry(scene: EvalScene, cfg: Any, ctx: Context) -> tuple[dict, d
 
 # ---------------------------------------------------------------- silhouettes
 
-def scaled_camera(K: np.ndarray, width: int, height: int, max_side: int) -> tuple[np.ndarray, int, int]:
-    """Intrinsics and size of an image scaled so its long side is at most ``max_side``."""
-    scale = min(1.0, max_side / max(width, height))
-    w, h = max(1, round(width * scale)), max(1, round(height * scale))
-    return np.diag([w / width, h / height, 1.0]) @ K, w, h
-
-
-def read_mask(path: Path, width: int, height: int) -> np.ndarray:
-    """A 0/255 mask file as bool (height, width), area-resized when its size differs."""
-    import cv2
-
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise InputError(f"{path}: cannot read the mask image")
-    if mask.shape != (height, width):
-        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA)
-    return mask > 127
-
-
-def pick_views(n: int, max_views: int) -> list[int]:
-    if max_views <= 0 or max_views >= n:
-        return list(range(n))
-    return sorted(set(np.linspace(0, n - 1, max_views).round().astype(int).tolist()))
-
 
 def silhouette_ious(vertices, faces, cams: Cameras, views: list[int], mask_paths: list[Path],
                     max_side: int, show_progress: bool = False) -> dict[str, float]:
@@ -323,7 +234,7 @@ def silhouette_ious(vertices, faces, cams: Cameras, views: list[int], mask_paths
     for i, path in progress(list(zip(views, mask_paths)), show_progress, desc="silhouette IoU", unit="view"):
         K, w, h = scaled_camera(cams.K[i], cams.width, cams.height, max_side)
         sil = M.render_silhouette(vertices, faces, K, cams.c2w[i], w, h)
-        ious[cams.names[i]] = M.silhouette_iou(sil, read_mask(path, w, h))
+        ious[cams.names[i]] = M.silhouette_iou(sil, read_mask(path, (w, h), resize=True))
     return ious
 
 
@@ -377,7 +288,7 @@ def read_psnr(train_dir: Path | None, cfg: Any) -> dict:
     stage measured it, else the reason it is missing. Training PSNR: ``train_psnr`` (or ``psnr``)."""
     data = {}
     if train_dir is not None and (train_dir / "train.json").is_file():
-        data = _read_json(train_dir / "train.json")
+        data = read_json(train_dir / "train.json")
     out: dict[str, Any] = {}
     train_psnr = data.get("train_psnr", data.get("psnr"))
     if isinstance(train_psnr, (int, float)) and math.isfinite(train_psnr):
@@ -399,20 +310,6 @@ def read_psnr(train_dir: Path | None, cfg: Any) -> dict:
         out.update(available=False, reason="train.json has no holdout_psnr (the train stage did not "
                                             "render the held-out views)")
     return out
-
-
-def held_out_views(scene: EvalScene, cfg: Any) -> list[int]:
-    """Views the train stage held out: train.json ``holdout_views`` (indices or names) when given,
-    else every HOLDOUT_EVERY-th view from view 0 when there are at least twice that many."""
-    info = scene.inputs.get("train")
-    data = _read_json(info / "train.json") if info and (info / "train.json").is_file() else {}
-    given = data.get("holdout_views")
-    if isinstance(given, list):
-        index = {Path(n).stem: i for i, n in enumerate(scene.cams.names)}
-        out = [int(v) if isinstance(v, int) else index.get(Path(str(v)).stem, -1) for v in given]
-        return [i for i in out if 0 <= i < len(scene.cams)]
-    n = len(scene.cams)
-    return list(range(0, n, HOLDOUT_EVERY)) if cfg.holdout and n >= 2 * HOLDOUT_EVERY else []
 
 
 def stage_seconds(inputs: dict[str, Path]) -> dict[str, float | None]:

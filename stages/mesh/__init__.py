@@ -1,7 +1,7 @@
 """Stage 6, mesh: the trained SDF -> ``mesh_raw.ply`` (world coordinates; vertex colours from
 the colour network when the model offers one) and ``mesh.json``.
 
-The block-wise marching cubes lives in ``stages.mesh_blocks`` and only sees an SDF callable;
+The block-wise marching cubes lives in ``stages.mesh.blocks`` and only sees an SDF callable;
 this module loads the model, maps unit-sphere coordinates to the world with
 ``sfm_points/scene.json`` ``unit_to_world`` and writes the files. Resume: finished blocks are
 kept in ``out_dir/blocks/`` until ``mesh_raw.ply`` is written. ``mesh.gpus`` = N > 1: N-1 helper
@@ -11,9 +11,7 @@ and mesh a share of the blocks; the welded mesh is the same as with one process.
 from __future__ import annotations
 
 import functools
-import os
 import shutil
-import tempfile
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +20,9 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.dag import Context
+from pipeline.devices import require_visible_gpus
 from pipeline.errors import ConfigError, InputError, StageError
-from pipeline.fsutil import atomic_write_json, read_json
-from stages.devices import require_visible_gpus
+from pipeline.fsutil import atomic_file, atomic_write_json, read_json
 
 VERSION = "1"
 
@@ -104,17 +102,10 @@ def write_ply(path: Path, vertices: np.ndarray, faces: np.ndarray, colours: np.n
     props = "".join(f"property {'float' if t == '<f4' else 'uchar'} {n}\n" for n, t in vdt)
     header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(v)}\n{props}"
               f"element face {len(f)}\nproperty list uchar int vertex_indices\nend_header\n")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(header.encode("ascii"))
-            fh.write(v.tobytes())
-            fh.write(f.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        fh.write(header.encode("ascii"))
+        fh.write(v.tobytes())
+        fh.write(f.tobytes())
 
 
 def transform_points(m: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -123,7 +114,7 @@ def transform_points(m: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     """Mesh the trained SDF into ``out_dir/mesh_raw.ply`` (world coordinates) + ``mesh.json``."""
-    from stages.mesh_blocks import Grid, check_grid, compute_mesh
+    from stages.mesh.blocks import Grid, check_grid, compute_mesh
 
     try:
         check_grid(Grid(cfg.resolution, cfg.block_res, cfg.coarse_factor, cfg.skip_margin))

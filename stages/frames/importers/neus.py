@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.cameras import load_neus_npz
 from pipeline.dag import Context
 from pipeline.errors import InputError
-from stages.importers import DatasetScene, check_cameras, image_size, list_images
+from stages.frames.importers.common import DatasetScene, check_cameras, image_size, list_images
 
 MATRIX_SHAPES = ((4, 4), (3, 4))
 NUMERIC_KINDS = "iuf"  # numpy dtype kinds a camera matrix may have (no bool, complex, str, object)
