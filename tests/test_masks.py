@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import logging
 import os
 import signal
@@ -324,3 +325,39 @@ def test_grabcut_seed_reaches_down_to_the_supporting_plane():
     u, v = (foot[:2] / foot[2]).astype(int)
     assert tri[v, u] == masks_grabcut.GC_PR_FGD  # the object's foot is probable foreground
     assert masks_grabcut.seed_trimap(obj, cams, 0, (240, 320))[v, u] != masks_grabcut.GC_PR_FGD
+
+
+def test_implausible_computed_masks_fall_back_to_scene_mode(scene, tmp_path, monkeypatch):
+    """Computed masks that disagree across the orbit (a box in a random place in each view) are
+    set aside and the stage says scene mode: never an object-mode run on masks that are wrong.
+    The same masks given by the user are kept (and flagged)."""
+    import stages.masks.grabcut as masks_grabcut
+
+    rng = np.random.default_rng(1)
+    boxes = {}
+    for s in _stems(scene["sfm"]):
+        m = np.zeros((240, 320), bool)
+        y, x = rng.integers(0, 160), rng.integers(0, 240)
+        m[y:y + 80, x:x + 80] = True
+        boxes[s] = m
+
+    def random_boxes(stems, load, shapes, cams, obj, cfg, work, final, finish, *args, **kwargs):
+        for s in stems:
+            finish(s, boxes[s], clean=False)
+        return {}
+
+    monkeypatch.setattr(masks_grabcut, "compute", random_boxes)
+    summary = _run(scene["sfm"], tmp_path / "out", method="grabcut")
+    meta = _read_json(tmp_path / "out" / "masks.json")
+    assert summary["method"] == meta["method"] == "none"
+    assert meta["fallback"]["from"] == "grabcut"
+    assert re.search("no silhouette consensus|frames disagree", meta["fallback"]["reason"])
+    assert not (tmp_path / "out" / "masks").exists()
+    assert len(list((tmp_path / "out" / masks.REJECTED_DIR).glob("*.png"))) == len(boxes)
+    frames = tmp_path / "frames"
+    (frames / "masks").mkdir(parents=True)
+    for s, m in boxes.items():
+        cv2.imwrite(str(frames / "masks" / f"{s}.png"), m.astype(np.uint8) * 255)
+    given = _run(scene["sfm"], tmp_path / "given", frames=frames, method="provided")
+    assert given["method"] == "provided" and "fallback" not in _read_json(tmp_path / "given" / "masks.json")
+    assert len(list((tmp_path / "given" / "masks").glob("*.png"))) == len(boxes)

@@ -296,3 +296,37 @@ def test_visual_hull_covers_the_object(gt, corrupt):
     dist, _ = cKDTree(voxels).query(np.asarray(mesh.vertices))
     assert dist.max() <= 0.5 * np.sqrt(3.0) * size
     assert len(voxels) * size ** 3 < 3.0 * mesh.volume  # a hull, not the whole box
+
+
+def test_centre_and_scale_from_the_cameras_alone():
+    """An orbit gives the object's centre (where the optical axes meet) and a scale (the ball
+    the views frame) with no SfM point at all; spheres 100x too small, 3x too large or behind
+    the cameras are refused, the object's own sphere is not."""
+    from pipeline.synthetic import SceneSpec, orbit_cameras
+
+    target = np.array([0.3, -0.2, 0.4])
+    spec = SceneSpec(num_views=24, width=160, height=120, radius=3.0)
+    cams = orbit_cameras(spec, target)
+    np.testing.assert_allclose(bounds.look_at_point(cams), target, atol=1e-9)
+    tan_x = np.tan(np.radians(spec.fov_deg) / 2)
+    expected = 3.0 * np.sin(np.arctan(np.hypot(tan_x, tan_x * 120 / 160)))
+    assert bounds.framed_radius(cams, target) == pytest.approx(expected, rel=1e-9)
+    assert bounds.implausible(bounds.Sphere(target, 0.5 * expected), cams) is None
+    assert "radius" in bounds.implausible(bounds.Sphere(target, expected / 100), cams)
+    assert "radius" in bounds.implausible(bounds.Sphere(target, 3 * expected), cams)
+    behind = cams.centers[0] + 2.0 * (cams.centers[0] - target)
+    assert "in view in only" in bounds.implausible(bounds.Sphere(behind, 0.5 * expected), cams)
+
+
+def test_masks_that_bound_a_sliver_fail_the_stage_in_one_line(scene, tmp_path):
+    """Masks covering a few pixels in every view carve a sphere far smaller than anything the
+    cameras frame: the stage refuses it and says what to do, instead of training on it."""
+    from PIL import Image
+
+    inputs = make_inputs(scene, tmp_path, with_masks=True)
+    for path in (inputs["masks"] / "masks").glob("*.png"):
+        tiny = np.zeros((HEIGHT, WIDTH), np.uint8)
+        tiny[HEIGHT // 2, WIDTH // 2] = 255
+        Image.fromarray(tiny).save(path)
+    with pytest.raises(StageError, match=r"implausible bounds .*radius .* x the radius .*masks.method=none"):
+        run_stage(inputs, tmp_path / "out", mask_vote=1.0)

@@ -150,6 +150,11 @@ def masks_section(scene) -> str:
     views = [i for i in pick_views(len(scene.cams), OVERLAY_COUNT)
              if (mask_dir / f"{Path(scene.cams.names[i]).stem}.png").is_file()]
     if not views:
+        info_path = scene.inputs["masks"] / "masks.json"
+        fallback = json.loads(info_path.read_text()).get("fallback") if info_path.is_file() else None
+        if fallback:
+            return "<h2>Masks</h2>" + note(f"the {fallback['from']} masks were set aside ({fallback['reason']}; "
+                                           f"they are in {fallback['masks']}/): trained in scene mode, without masks")
         return "<h2>Masks</h2>" + note("no masks for this scene")
     tiles, labels = [], []
     for i in views:

@@ -27,8 +27,10 @@ from pipeline.fsutil import atomic_write_json
 from pipeline.log import progress
 import stages.masks.post as post
 
-VERSION = "1"
+VERSION = "2"
 WORK_DIR = "_grabcut_work"
+REJECTED_DIR = "rejected_masks"  # computed masks that failed the plausibility check, kept to look at
+MAX_FLAGGED_SHARE = 0.3  # computed masks are rejected when more frames than this disagree with the rest
 CONSISTENCY_SIDE = 400  # masks are downscaled to this long side for the consistency check
 EMPTY_COVERAGE = 0.001  # a mask covering less than this share of its image holds no object
 FULL_COVERAGE = 0.995  # a mask covering more than this share of its image separates nothing
@@ -169,6 +171,13 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
         raise StageError("masks: some masks were not written; rerun the stage")
     check_usable(masks, method, provided_dir(frames_dir) if method == "provided" else mask_dir)
     frames = _consistency(stems, masks, cams, cfg, log)
+    reason = implausible(frames, method, cams is not None)
+    if reason:
+        log.warning("masks: the %s masks are implausible (%s); they are set aside in %s and training runs "
+                    "in scene mode (no masks)", method, reason, out_dir / REJECTED_DIR)
+        shutil.rmtree(out_dir / REJECTED_DIR, ignore_errors=True)
+        os.replace(mask_dir, out_dir / REJECTED_DIR)
+        summary.update(method="none", fallback={"from": method, "reason": reason, "masks": REJECTED_DIR})
     elapsed = time.perf_counter() - start
     summary.update(num_frames=len(stems), reused=reused, computed=len(todo),
                    flagged=[f["name"] for f in frames if f["flags"]],
@@ -236,6 +245,21 @@ def check_usable(masks: list[np.ndarray], method: str, mask_dir: Path) -> None:
                          "--set masks.method=grabcut, or --set masks.method=none for scene mode")
     raise StageError(f"masks: {what} ({method} found no object, in {mask_dir}); try another --set "
                      "masks.method=rembg|grabcut, or --set masks.method=none for scene mode")
+
+
+def implausible(frames: list[dict], method: str, with_cameras: bool) -> str | None:
+    """Why computed masks cannot be trusted, or None: with cameras, no silhouette consensus (a
+    visual hull) can be carved from them at all, or more than MAX_FLAGGED_SHARE of the frames
+    disagree with it (a wrong segmentation is rarely consistent across an orbit). Provided
+    masks are the user's word and are only reported."""
+    if method == "provided" or len(frames) < 3:
+        return None
+    if with_cameras and not any("outside_consensus" in f for f in frames):
+        return "no silhouette consensus (visual hull) can be carved from them"
+    flagged = sum(1 for f in frames if f["flags"])
+    if flagged <= MAX_FLAGGED_SHARE * len(frames):
+        return None
+    return f"{flagged} of {len(frames)} frames disagree with the others (more than {MAX_FLAGGED_SHARE:.0%})"
 
 
 def _consistency(stems, masks, cams: Cameras | None, cfg, log) -> list[dict]:

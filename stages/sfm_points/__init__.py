@@ -22,7 +22,7 @@ from pipeline.cameras import Cameras, load_transforms, project, save_transforms
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 
-VERSION = "1"
+VERSION = "2"
 CACHE_MASK_BYTES = 512 << 20  # keep decoded masks in memory when they fit in this
 
 
@@ -167,6 +167,11 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
         raise StageError("sfm_points: could not estimate the object's bounds (empty visual hull and no SfM "
                          "points inside the masks); check the masks, or rerun with --set masks.method=none")
     sphere = bounds.clear_cameras(sphere, cams)
+    problem = bounds.implausible(sphere, cams)
+    if problem:
+        hint = ("the masks do not isolate the object; try --set masks.method=none (scene mode) or give masks"
+                if mask_at is not None else "the cameras do not look at one object (an orbit around it)")
+        raise StageError(f"sfm_points: implausible bounds ({sphere.info.get('method')}): {problem}; {hint}")
     keep &= np.linalg.norm(pts.xyz - sphere.center, axis=1) < sphere.radius
     obs_ok &= keep[pts.obs_point]
     keep &= np.bincount(pts.obs_point[obs_ok], minlength=len(keep)) > 0

@@ -26,6 +26,12 @@ POINT_SLACK = 1.5  # SfM points farther than this x the hull radius from its cen
 CAMERA_CLEARANCE = 0.95  # the radius stays below this x the distance to the nearest camera
 NO_MASK_PERCENTILE = 90.0  # no masks: radius = this percentile of the shared points' distances
 NO_MASK_MIN_POINTS = 20  # fewer shared points than this: radius from the frusta alone
+# A plausible object radius is at least MIN_FRAMED_RATIO x the radius a view frames (an object
+# about 5 % of the frame wide), at most MAX_FRAMED_RATIO x (one cut by the frame border is larger),
+# and its centre is in view in at least MIN_CENTRE_IN_VIEW of the frames.
+MIN_FRAMED_RATIO = 0.04
+MAX_FRAMED_RATIO = 2.0
+MIN_CENTRE_IN_VIEW = 0.5
 
 
 @dataclass
@@ -198,14 +204,38 @@ def sphere_with_masks(cams: Cameras, mask_at: Callable[[int], np.ndarray | None]
     return Sphere(center, radius * margin, info)
 
 
+def framed_radius(cams: Cameras, target: np.ndarray) -> float:
+    """Radius of the ball around ``target`` that the median view just frames (distance x sin of
+    the half diagonal field of view): the scale an orbit's cameras give, with no SfM point."""
+    dist_cam = np.linalg.norm(cams.centers - target, axis=1)
+    half_diag = np.hypot(0.5 * cams.width / cams.K[:, 0, 0], 0.5 * cams.height / cams.K[:, 1, 1])
+    return float(np.median(dist_cam * np.sin(np.arctan(half_diag))))
+
+
+def implausible(sphere: Sphere, cams: Cameras) -> str | None:
+    """Why ``sphere`` cannot bound the object of this capture, or None. Checked against the
+    cameras alone: the radius against the ball the views frame around their convergence point
+    (MIN_FRAMED_RATIO .. MAX_FRAMED_RATIO), and the centre in front of and inside most views."""
+    framed = framed_radius(cams, look_at_point(cams))
+    ratio = sphere.radius / framed if framed > 0 else float("nan")
+    sphere.info.update(framed_radius=framed, radius_to_framed=ratio)
+    if not np.isfinite(ratio) or not MIN_FRAMED_RATIO <= ratio <= MAX_FRAMED_RATIO:
+        return (f"radius {sphere.radius:.4g} is {ratio:.3g} x the radius {framed:.4g} that the views frame "
+                f"around the point they look at (plausible: {MIN_FRAMED_RATIO:g} to {MAX_FRAMED_RATIO:g})")
+    uv, depth = zip(*(project(sphere.center[None], cams.K[i], cams.w2c[i]) for i in range(len(cams))))
+    uv, depth = np.concatenate(uv), np.concatenate(depth)
+    inside = (depth > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < cams.width) & (uv[:, 1] >= 0) & (uv[:, 1] < cams.height)
+    if inside.mean() < MIN_CENTRE_IN_VIEW:
+        return f"its centre is in view in only {int(inside.sum())} of {len(cams)} frames"
+    return None
+
+
 def sphere_without_masks(cams: Cameras, points: np.ndarray, margin: float) -> Sphere:
     """Points inside at least MIN_SEEN_RATIO of the frusta, trimmed at NO_MASK_PERCENTILE of
     their distance to the look-at point, x ``margin``; capped by the ball the median view frames
-    (radius = distance x sin of the half diagonal field of view)."""
+    (``framed_radius``)."""
     target = look_at_point(cams)
-    dist_cam = np.linalg.norm(cams.centers - target, axis=1)
-    half_diag = np.hypot(0.5 * cams.width / cams.K[:, 0, 0], 0.5 * cams.height / cams.K[:, 1, 1])
-    framed = float(np.median(dist_cam * np.sin(np.arctan(half_diag))))
+    framed = framed_radius(cams, target)
     shared = points[frustum_counts(cams, points) >= MIN_SEEN_RATIO * len(cams)] if len(points) else points
     info = {"method": "points+frusta", "shared_points": int(len(shared)), "framed_radius": framed}
     if len(shared) < NO_MASK_MIN_POINTS:
