@@ -99,6 +99,29 @@ def pixel_rays(K: np.ndarray, c2w: np.ndarray, uv: np.ndarray) -> tuple[np.ndarr
     return origins, dirs
 
 
+def closest_point_to_rays(origins: np.ndarray, dirs: np.ndarray) -> np.ndarray | None:
+    """Least-squares point nearest to all rays; None when they are (nearly) parallel."""
+    dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    proj = np.eye(3)[None] - dirs[:, :, None] * dirs[:, None, :]
+    A, b = proj.sum(0), (proj @ origins[:, :, None]).sum(0)[:, 0]
+    if np.linalg.cond(A) > 1e6:
+        return None
+    return np.linalg.solve(A, b)
+
+
+def look_at_point(cams: Cameras, uv: np.ndarray | None = None) -> np.ndarray:
+    """Where the cameras look (the point nearest to all their rays through ``uv`` (N, 2) per view,
+    default the principal points: the optical axes); of an orbit, the object's centre."""
+    uv = cams.K[:, :2, 2] if uv is None else uv
+    dirs_cam = np.concatenate([(uv - cams.K[:, :2, 2]) / cams.K[:, [0, 1], [0, 1]], np.ones((len(cams), 1))], 1)
+    dirs = np.einsum("nij,nj->ni", cams.c2w[:, :3, :3], dirs_cam)
+    point = closest_point_to_rays(cams.centers, dirs)
+    if point is None:  # parallel axes: a point one mean camera spacing in front of the cameras
+        spread = float(np.linalg.norm(cams.centers - cams.centers.mean(0), axis=1).mean()) or 1.0
+        point = cams.centers.mean(0) + dirs.mean(0) / np.linalg.norm(dirs.mean(0)) * 3.0 * spread
+    return point
+
+
 def _check_finite(arr: np.ndarray, what: str, path: Path) -> None:
     if not np.all(np.isfinite(arr)):
         raise InputError(f"{path}: {what} contains NaN or infinite values")

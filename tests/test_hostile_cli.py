@@ -241,10 +241,11 @@ def test_status_and_gc_on_a_damaged_plan(name, text, wd):
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ctrl_c_prints_one_line_and_the_rerun_finishes(workers, tmp_path):
-    video = write_video(tmp_path / "long.mp4", panning_frames(n=150, w=320, h=240))
+    # long enough (a few seconds) that the poll below sees the stage in flight on a busy machine too
+    video = write_video(tmp_path / "long.mp4", panning_frames(n=300, w=640, h=480))
     wd = tmp_path / "wd"
     args = ["run", "--video", str(video), "--workdir", str(wd), "--until", "frames", "--preset", "fast_cpu",
-            "--set", "frames.target_count=150", "--no-progress", "--workers", workers]
+            "--set", "frames.target_count=300", "--no-progress", "--workers", workers]
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), *args], start_new_session=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

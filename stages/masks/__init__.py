@@ -31,6 +31,8 @@ VERSION = "2"
 WORK_DIR = "_grabcut_work"
 REJECTED_DIR = "rejected_masks"  # computed masks that failed the plausibility check, kept to look at
 MAX_FLAGGED_SHARE = 0.3  # computed masks are rejected when more frames than this disagree with the rest
+MAX_CENTRE_OFFSET = 0.5  # a mask this far (x its own size) from where the cameras look is off centre
+MAX_OFF_CENTRE_SHARE = 0.5  # computed masks are rejected when more frames than this are off centre
 CONSISTENCY_SIDE = 400  # masks are downscaled to this long side for the consistency check
 EMPTY_COVERAGE = 0.001  # a mask covering less than this share of its image holds no object
 FULL_COVERAGE = 0.995  # a mask covering more than this share of its image separates nothing
@@ -249,17 +251,24 @@ def check_usable(masks: list[np.ndarray], method: str, mask_dir: Path) -> None:
 
 def implausible(frames: list[dict], method: str, with_cameras: bool) -> str | None:
     """Why computed masks cannot be trusted, or None: with cameras, no silhouette consensus (a
-    visual hull) can be carved from them at all, or more than MAX_FLAGGED_SHARE of the frames
-    disagree with it (a wrong segmentation is rarely consistent across an orbit). Provided
+    visual hull) can be carved from them at all; more than MAX_FLAGGED_SHARE of the frames
+    disagree with it (a wrong segmentation is rarely consistent across an orbit); or in more
+    than MAX_OFF_CENTRE_SHARE of the frames the mask lies off the point the cameras converge on
+    (consistently wrong masks: a blob on the ground beside a textureless object). Provided
     masks are the user's word and are only reported."""
     if method == "provided" or len(frames) < 3:
         return None
     if with_cameras and not any("outside_consensus" in f for f in frames):
         return "no silhouette consensus (visual hull) can be carved from them"
     flagged = sum(1 for f in frames if f["flags"])
-    if flagged <= MAX_FLAGGED_SHARE * len(frames):
-        return None
-    return f"{flagged} of {len(frames)} frames disagree with the others (more than {MAX_FLAGGED_SHARE:.0%})"
+    if flagged > MAX_FLAGGED_SHARE * len(frames):
+        return f"{flagged} of {len(frames)} frames disagree with the others (more than {MAX_FLAGGED_SHARE:.0%})"
+    off = sum(1 for f in frames if "centre_offset" in f
+              and (f["centre_offset"] is None or f["centre_offset"] > MAX_CENTRE_OFFSET))
+    if with_cameras and off > MAX_OFF_CENTRE_SHARE * len(frames):
+        return (f"in {off} of {len(frames)} frames the mask lies away from the point the cameras look at "
+                "(the object's centre in an orbit)")
+    return None
 
 
 def _consistency(stems, masks, cams: Cameras | None, cfg, log) -> list[dict]:
@@ -278,6 +287,9 @@ def _consistency(stems, masks, cams: Cameras | None, cfg, log) -> list[dict]:
             scaled = Cameras(cams.names, K, cams.c2w, small[0].shape[1], small[0].shape[0])
     recs = post.consistency(small, scaled, res=int(cfg.consistency_res))
     frames = [{"name": s, "file": f"masks/{s}.png", **r} for s, r in zip(stems, recs)]
+    if scaled is not None:
+        for f, offset in zip(frames, post.centre_offsets(small, scaled)):
+            f["centre_offset"] = round(offset, 4) if np.isfinite(offset) else None
     for f, m in zip(frames, masks):
         f["coverage"] = round(float(m.mean()), 5)
     bad = [f["name"] for f in frames if f["flags"]]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cameras import Cameras, project
+from pipeline.cameras import Cameras, look_at_point, project
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.images import read_mask
@@ -272,6 +272,23 @@ def consistency(masks: list[np.ndarray], cams: Cameras | None, res: int = 64,
             if outside > outside_thresh:
                 rec["flags"].append("outside_consensus")
         out.append(rec)
+    return out
+
+
+def centre_offsets(masks: list[np.ndarray], cams: Cameras) -> list[float]:
+    """Per view: the distance from the point the cameras look at (their convergence point, the
+    object's centre in an orbit) to the nearest mask pixel, over the mask's bounding-box
+    diagonal; 0 when the mask covers that point, inf when it is empty or the point is behind."""
+    target = look_at_point(cams)
+    out = []
+    for i, m in enumerate(masks):
+        uv, depth = project(target[None], cams.K[i], cams.w2c[i])
+        rows, cols = np.nonzero(m)
+        if depth[0] <= 0 or not len(rows):
+            out.append(float("inf"))
+            continue
+        gap = float(np.hypot(cols + 0.5 - uv[0, 0], rows + 0.5 - uv[0, 1]).min())
+        out.append(gap / float(np.hypot(np.ptp(cols) + 1, np.ptp(rows) + 1)))
     return out
 
 

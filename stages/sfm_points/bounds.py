@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.cameras import Cameras, project
+from pipeline.cameras import Cameras, look_at_point, project
 
 COARSE_RES = 24  # first carving pass over the initial region, before the grid is refined
 MAX_COARSE = 4  # coarse passes, each over the padded previous hull, before the final one
@@ -80,28 +80,6 @@ def _hull_vertices(pts: np.ndarray) -> np.ndarray:
         return pts[ConvexHull(pts).vertices]
     except (QhullError, ValueError):
         return pts
-
-
-def closest_point_to_rays(origins: np.ndarray, dirs: np.ndarray) -> np.ndarray | None:
-    """Least-squares point nearest to all rays; None when they are (nearly) parallel."""
-    dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
-    proj = np.eye(3)[None] - dirs[:, :, None] * dirs[:, None, :]
-    A, b = proj.sum(0), (proj @ origins[:, :, None]).sum(0)[:, 0]
-    if np.linalg.cond(A) > 1e6:
-        return None
-    return np.linalg.solve(A, b)
-
-
-def look_at_point(cams: Cameras, uv: np.ndarray | None = None) -> np.ndarray:
-    """Where the cameras look: rays through ``uv`` (N, 2) per view, default the principal points."""
-    uv = cams.K[:, :2, 2] if uv is None else uv
-    dirs_cam = np.concatenate([(uv - cams.K[:, :2, 2]) / cams.K[:, [0, 1], [0, 1]], np.ones((len(cams), 1))], 1)
-    dirs = np.einsum("nij,nj->ni", cams.c2w[:, :3, :3], dirs_cam)
-    point = closest_point_to_rays(cams.centers, dirs)
-    if point is None:  # parallel axes: a point one mean camera spacing in front of the cameras
-        spread = float(np.linalg.norm(cams.centers - cams.centers.mean(0), axis=1).mean()) or 1.0
-        point = cams.centers.mean(0) + dirs.mean(0) / np.linalg.norm(dirs.mean(0)) * 3.0 * spread
-    return point
 
 
 def _grid(lo: np.ndarray, hi: np.ndarray, res: int) -> tuple[np.ndarray, float, tuple[int, int, int]]:

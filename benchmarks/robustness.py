@@ -1,0 +1,498 @@
+"""Object isolation on scenes the pipeline was not tuned on: masks and bounds, per scene.
+
+For each generated scene (``pipeline.synthetic``: Spot as the reference, trimesh shapes that
+are plain-coloured, procedurally coloured or coloured like the background; small, large and
+dark-on-dark framings) the harness runs the CLI (``run --images ... --gt ... --until
+sfm_points``) and measures, from the stage folders: the exit code and first FAILED line, the
+mask IoU against the GT masks (mean, min; ``masks.json`` method and flags), and the bounding
+sphere (``sfm_points/scene.json``) against the GT object's sphere after a similarity aligning
+the SfM camera centres to the GT ones (centre error and radius ratio, in GT radii). ``--full``
+runs to ``evaluate`` and adds Chamfer-L1 / F-score. ``--real`` adds the Middlebury dino and
+temple (exact cameras, a README-recipe silhouette as approximate reference) and the skull (no
+GT). Status: FAIL = non-zero exit; WRONG = exit 0 but mask IoU < 0.8, radius ratio outside
+[0.8, 2] or centre error > 0.25 (the worst outcome); OK otherwise. A markdown table is printed
+last; ``--out`` writes JSON. Scenes are cached in ``--workdir`` (``--fresh`` reruns the CLI).
+
+    python benchmarks/robustness.py --list
+    python benchmarks/robustness.py --out robustness.json                 # CPU: 24 views 320x240
+    python benchmarks/robustness.py --scenes spot,torus_plain --real --out r.json
+    python benchmarks/robustness.py --views 100 --width 640 --height 480 --preset default \\
+        --device cuda --full --out robustness_gpu.json                  # GPU machine
+
+On the GPU machine (no network) install the wheels first, as for ``benchmarks/e2e.py``; the real
+sets are read from ``--data`` (default: ``shared/data`` next to or inside the checkout).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from bench_paths import ROOT  # noqa: E402,F401
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import trimesh  # noqa: E402
+
+from pipeline.align import umeyama  # noqa: E402
+from pipeline.cameras import Cameras, load_transforms  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = next((p for p in (ROOT / "shared" / "data", ROOT.parent / "shared" / "data") if p.is_dir()),
+            ROOT.parent / "shared" / "data")
+SPOT_TEXTURE = ROOT / "pipeline" / "assets" / "spot" / "spot_texture.png"  # the shipped Spot's texture
+IOU_MIN, RATIO_RANGE, CENTRE_MAX = 0.8, (0.8, 2.0), 0.25
+LARGE = {"radius": 1.5, "fov_deg": 32.0}  # object cut by the frame border in most views
+SMALL = {"radius": 5.0}  # object ~15% of the frame width (~2% of its area)
+
+
+@dataclass(frozen=True)
+class Scene:
+    name: str
+    shape: str  # "spot", a key of SHAPES, or "real"
+    look: str = "procedural"  # texture | procedural | plain | camo | camo_plain | dark
+    colour: tuple = (190, 70, 50)
+    spec: dict = field(default_factory=dict)  # SceneSpec overrides
+    note: str = ""
+    real: str = ""  # folder under --data for real sets
+
+
+SCENES = [
+    Scene("spot", "spot", "texture", note="the tuned reference"),
+    Scene("spot_small", "spot", "texture", spec=SMALL, note="small in the frame"),
+    Scene("spot_large", "spot", "texture", spec=LARGE, note="cut by the frame border"),
+    Scene("spot_dark", "spot", "dark", spec={"background": False, "background_color": (14, 14, 16), "radius": 1.4},
+          note="darkened texture on a flat dark background, closer"),
+    Scene("torus_plain", "torus", "plain", note="textureless, tilted torus"),
+    Scene("torus_plain_large", "torus", "plain", spec=LARGE, note="textureless, frame-filling"),
+    Scene("mug_plain", "mug", "plain", colour=(225, 225, 230), note="white mug, thin handle"),
+    Scene("bumpy", "bumpy", "procedural", note="displaced icosphere, procedural colours"),
+    Scene("frame_camo", "frame", "camo", note="box with a hole, background texture"),
+    Scene("mug_camo_plain", "mug", "camo_plain", note="plain, the ground's median colour"),
+    Scene("dino", "real", real="middlebury/dinoSparseRing", note="textureless, 16 photos"),
+    Scene("temple", "real", real="middlebury/templeSparseRing", note="textured, 16 photos"),
+    Scene("skull", "real", real="skull/images", note="66 photos, no GT"),
+]
+BY_NAME = {s.name: s for s in SCENES}
+
+
+# ---------------------------------------------------------------- shapes and scenes
+
+def _rot(deg: float, axis) -> np.ndarray:
+    return trimesh.transformations.rotation_matrix(np.radians(deg), axis)
+
+
+def _torus():
+    return trimesh.creation.torus(major_radius=0.35, minor_radius=0.12, major_sections=96,
+                                  minor_sections=32).apply_transform(_rot(70, [1, 0, 0]))
+
+
+def _mug():
+    body = trimesh.creation.cylinder(radius=0.3, height=0.7, sections=96)
+    handle = trimesh.creation.torus(major_radius=0.2, minor_radius=0.035, major_sections=64, minor_sections=16)
+    handle.apply_transform(_rot(90, [1, 0, 0])).apply_translation([0.3, 0.0, 0.0])
+    return trimesh.util.concatenate([body, handle])
+
+
+def _bumpy():
+    m, rng = trimesh.creation.icosphere(subdivisions=5, radius=0.5), np.random.default_rng(3)
+    bump = np.sin(m.vertices @ rng.normal(size=(3, 6)) * 7.0 + rng.uniform(0, 2 * np.pi, 6)).sum(1) / 6.0
+    return trimesh.Trimesh(m.vertices * (1.0 + 0.35 * bump)[:, None], m.faces)
+
+
+def _frame():
+    """A square ring (box with a square hole) standing in the xz plane, closed, subdivided."""
+    ring = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    verts = [(r * x, y, r * z) for y in (-0.12, 0.12) for r in (0.5, 0.25) for x, z in ring]
+    faces = []
+    for a in range(4):
+        b = (a + 1) % 4
+        faces += [[a, b, 4 + b], [a, 4 + b, 4 + a], [8 + a, 12 + b, 8 + b], [8 + a, 12 + a, 12 + b],
+                  [a, 8 + b, b], [a, 8 + a, 8 + b], [4 + a, 4 + b, 12 + b], [4 + a, 12 + b, 12 + a]]
+    v, f = trimesh.remesh.subdivide_to_size(np.array(verts, float), np.array(faces), max_edge=0.03)
+    m = trimesh.Trimesh(v, f)
+    m.fix_normals()
+    return m
+
+
+SHAPES = {"torus": _torus, "mug": _mug, "bumpy": _bumpy, "frame": _frame}
+
+
+def backdrop_sample(data: Path, width: int, height: int, seed: int = 0) -> np.ndarray:
+    """RGB pixels of the ground next to the object, from one rendered view (cached)."""
+    from pipeline.synthetic import SceneSpec, generate
+
+    path = data / f"_backdrop_{width}x{height}_{seed}" / "gt" / "images" / "000000.png"
+    if not path.is_file():
+        shutil.rmtree(path.parents[2], ignore_errors=True)
+        generate(path.parents[2], SceneSpec(num_views=1, width=width, height=height, output="images", seed=seed))
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)[int(0.72 * height):, : int(0.3 * width)]
+    return np.clip(rgb * 1.25, 0, 255).astype(np.uint8)  # the object's shading is darker than the ground's
+
+
+def write_mesh(scene: Scene, folder: Path, data: Path, width: int, height: int) -> tuple[Path, Path | None]:
+    """Write the scene's mesh (and texture) into ``folder``; returns (mesh, texture or None)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mesh = SHAPES[scene.shape]()
+    if scene.look == "camo":
+        v = mesh.vertices - mesh.vertices.mean(0)
+        uv = np.stack([0.5 + np.arctan2(v[:, 1], v[:, 0]) / (2 * np.pi),
+                       (v[:, 2] - v[:, 2].min()) / np.ptp(v[:, 2])], 1)
+        texture = cv2.resize(backdrop_sample(data, width, height), (512, 512), interpolation=cv2.INTER_CUBIC)
+        Image.fromarray(texture).save(folder / "camo.png")
+        mesh.visual = trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray(texture))
+        mesh.export(folder / "mesh.obj")
+        return folder / "mesh.obj", folder / "camo.png"
+    if scene.look in ("plain", "camo_plain"):
+        rgb = scene.colour if scene.look == "plain" else \
+            tuple(int(c) for c in np.median(backdrop_sample(data, width, height).reshape(-1, 3), 0))
+        rgb = (rgb[0], rgb[1], min(255, rgb[2] + 1)) if len(set(rgb)) == 1 else rgb  # grey reads as "no colour"
+        mesh.visual.vertex_colors = np.tile([*rgb, 255], (len(mesh.vertices), 1))
+    mesh.export(folder / "mesh.ply")
+    return folder / "mesh.ply", None
+
+
+def generate_scene(scene: Scene, data: Path, views: int, width: int, height: int) -> Path:
+    """Render ``scene`` once (cached); returns its folder (``images/``, ``gt/``, ``mesh/``)."""
+    from pipeline.synthetic import SceneSpec, generate
+
+    out = data / f"{scene.name}_{views}_{width}x{height}"
+    if (out / "gt" / "gt.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    kw: dict = {"num_views": views, "width": width, "height": height, "output": "images", **scene.spec}
+    if scene.look == "dark":  # Spot with a darkened copy of its texture
+        (tmp / "mesh").mkdir(parents=True)
+        cv2.imwrite(str(tmp / "mesh" / "dark.png"), (cv2.imread(str(SPOT_TEXTURE)) * 0.45).astype(np.uint8))
+        kw["texture_path"] = tmp / "mesh" / "dark.png"
+    elif scene.shape != "spot":
+        kw["mesh_path"], kw["texture_path"] = write_mesh(scene, tmp / "mesh", data, width, height)
+        kw["mesh_up_axis"] = "z"
+    generate(tmp, SceneSpec(**kw))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------- measures
+
+def mask_iou(pred: np.ndarray, ref: np.ndarray, A: np.ndarray | None = None) -> float:
+    """IoU of ``pred`` resampled into ``ref``'s pixels by ``A`` (3x3, continuous pixel coordinates
+    with pixel centres at +0.5; None = identity), over the ref pixels that ``pred``'s image covers."""
+    h, w = ref.shape[:2]
+    T = np.array([[1.0, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])  # pixel index -> continuous
+    M = (np.linalg.inv(T) @ (np.eye(3) if A is None else A) @ T)[:2]
+    p = cv2.warpAffine((pred > 0).astype(np.uint8), M, (w, h), flags=cv2.INTER_NEAREST) > 0
+    valid = cv2.warpAffine(np.ones(pred.shape[:2], np.uint8), M, (w, h), flags=cv2.INTER_NEAREST) > 0
+    r = (ref > 0) & valid
+    union = np.count_nonzero(p | r)
+    return 1.0 if union == 0 else float(np.count_nonzero(p & r) / union)
+
+
+def align(est_centres: np.ndarray, ref_centres: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+    """Similarity (s, R, t) taking estimated camera centres to reference ones, and the RMS residual."""
+    s, R, t = umeyama(est_centres, ref_centres)
+    res = np.linalg.norm(s * est_centres @ R.T + t - ref_centres, axis=1)
+    return s, R, t, float(np.sqrt(np.mean(res ** 2)))
+
+
+def sphere_errors(centre, radius: float, sim, gt_centre, gt_radius: float) -> tuple[float, float]:
+    """(centre error, radius ratio) of a sphere moved by ``sim`` = (s, R, t), in GT radii."""
+    s, R, t = sim[:3]
+    c = s * R @ np.asarray(centre, float) + t
+    return float(np.linalg.norm(c - np.asarray(gt_centre, float)) / gt_radius), float(s * radius / gt_radius)
+
+
+def recipe_silhouette(rgb: np.ndarray, threshold: float = 0.19, dilate: int = 10, erode: int = 7) -> np.ndarray:
+    """Middlebury README recipe: threshold (any channel, values 0..1), dilate, erode (disks)."""
+    m = (rgb.max(axis=2) > threshold * 255).astype(np.uint8)
+    dk, ek = (cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) for r in (dilate, erode))
+    return cv2.erode(cv2.dilate(m, dk), ek) > 0
+
+
+def classify(row: dict) -> tuple[str, list[str]]:
+    """OK / FAIL (non-zero exit) / WRONG (exit 0 with evidence of a wrong result) and why."""
+    if row.get("rc") != 0:
+        return "FAIL", [row.get("first_error") or f"exit {row.get('rc')}"]
+    why = []
+    if row.get("iou_mean") is not None and row["iou_mean"] < IOU_MIN:
+        why.append(f"mask IoU {row['iou_mean']:.2f} < {IOU_MIN}")
+    ratio = row.get("radius_ratio")
+    if ratio is not None and not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
+        why.append(f"radius ratio {ratio:.2f} outside {list(RATIO_RANGE)}")
+    if row.get("centre_err") is not None and row["centre_err"] > CENTRE_MAX:
+        why.append(f"centre error {row['centre_err']:.2f} > {CENTRE_MAX}")
+    return ("WRONG" if why else "OK"), why
+
+
+def stage_dirs(run_dir: Path) -> dict[str, Path]:
+    """Finished stage folders of the scene's latest plan."""
+    plan_path = run_dir / "plan.json"
+    if not plan_path.is_file():
+        return {}
+    keys = json.loads(plan_path.read_text()).get("keys", {})
+    return {st: run_dir / f"{st}-{k}" for st, k in keys.items() if (run_dir / f"{st}-{k}" / "manifest.json").is_file()}
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def source_K(sfm_dir: Path, cams: Cameras) -> list[np.ndarray]:
+    """Per view: the intrinsics of the frames/ image (the camera before undistortion)."""
+    dist = _read(sfm_dir / "sfm.json").get("distorted_cameras") or []
+    if len(dist) != 1:
+        return list(cams.K)  # known cameras: images copied as they are
+    m, p = dist[0]["model"], dist[0]["params"]
+    fx, fy, cx, cy = (p[0], p[0], p[1], p[2]) if m.startswith("SIMPLE") or m == "RADIAL" else p[:4]
+    K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+    return [K] * len(cams)
+
+
+def view_map(dirs: dict[str, Path]) -> tuple[Cameras | None, list[str]]:
+    """SfM cameras and, per SfM view, the stem of the source photo it came from."""
+    if "sfm" not in dirs or "frames" not in dirs:
+        return None, []
+    cams = load_transforms(dirs["sfm"] / "transforms.json")
+    by_stem = {Path(r["file"]).stem: Path(r.get("source_file", r["file"])).stem
+               for r in _read(dirs["frames"] / "frames.json").get("frames", [])}
+    return cams, [by_stem.get(Path(n).stem, "") for n in cams.names]
+
+
+def measure_masks(dirs: dict[str, Path], ref_mask, ref_size: tuple[int, int]) -> dict:
+    """Mask IoU per view against ``ref_mask(source_stem) -> bool array | None`` (at ``ref_size``)."""
+    out: dict = {}
+    if "masks" not in dirs:
+        return out
+    info = _read(dirs["masks"] / "masks.json")
+    cov = [f["coverage"] for f in info.get("frames", [])]
+    out.update(method=info.get("method"), flagged=len(info.get("flagged", [])), frames=len(cov),
+               coverage_mean=float(np.mean(cov)) if cov else None, coverage_min=min(cov, default=None),
+               coverage_max=max(cov, default=None))
+    cams, stems = view_map(dirs)
+    if cams is None or ref_mask is None:
+        return out
+    fr = _read(dirs["frames"] / "frames.json")
+    S = np.diag([ref_size[0] / fr["width"], ref_size[1] / fr["height"], 1.0])
+    ious = {}
+    for i, (name, K_src) in enumerate(zip(cams.names, source_K(dirs["sfm"], cams))):
+        path = dirs["masks"] / "masks" / f"{Path(name).stem}.png"
+        ref = ref_mask(stems[i])
+        if ref is None or not path.is_file():
+            continue
+        pred = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        ious[stems[i]] = mask_iou(pred, ref, S @ K_src @ np.linalg.inv(cams.K[i]))  # SfM image -> source photo
+    if ious:
+        worst = min(ious, key=ious.get)
+        out.update(iou_mean=float(np.mean(list(ious.values()))), iou_min=ious[worst], iou_worst_view=worst,
+                   iou_views=len(ious))
+    return out
+
+
+def measure_sphere(dirs: dict[str, Path], ref_centres: dict[str, np.ndarray], gt_centre, gt_radius) -> dict:
+    """Bounding sphere of scene.json against the GT sphere, after aligning SfM to reference cameras."""
+    cams, stems = view_map(dirs)
+    out: dict = {"registered": len(cams) if cams is not None else None}
+    pairs = [(i, ref_centres[s]) for i, s in enumerate(stems) if s in ref_centres] if cams is not None else []
+    if len(pairs) < 3:
+        return out
+    sim = align(cams.centers[[i for i, _ in pairs]], np.array([c for _, c in pairs]))
+    out["cam_rms"] = sim[3] / gt_radius
+    scene = _read(dirs["sfm_points"] / "scene.json") if "sfm_points" in dirs else {}
+    if "sphere_radius" in scene:
+        out["centre_err"], out["radius_ratio"] = sphere_errors(scene["sphere_center"], scene["sphere_radius"],
+                                                               sim, gt_centre, gt_radius)
+    return out
+
+
+def measure_metrics(dirs: dict[str, Path]) -> dict:
+    geo = _read(dirs["evaluate"] / "metrics.json").get("geometry", {}) if "evaluate" in dirs else {}
+    if not geo.get("available"):
+        return {}
+    f = max(geo.get("fscores", []), key=lambda s: s["tau_pct"], default=None)
+    return {"chamfer_pct": geo.get("chamfer_l1_pct"), "fscore": f and f["fscore"], "f_tau_pct": f and f["tau_pct"]}
+
+
+# ---------------------------------------------------------------- references
+
+def synthetic_reference(folder: Path):
+    """(mask lookup, image size, camera centres by stem, GT centre, GT radius) of a generated scene."""
+    gt = folder / "gt"
+    info, cams = _read(gt / "gt.json"), load_transforms(gt / "transforms.json")
+
+    def ref_mask(stem):
+        p = gt / "masks" / f"{stem}.png"
+        return cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 0 if p.is_file() else None
+    centres = {Path(n).stem: c for n, c in zip(cams.names, cams.centers)}
+    return ref_mask, (cams.width, cams.height), centres, info["sphere_center"], info["sphere_radius"]
+
+
+def middlebury_reference(folder: Path):
+    """The same from ``*_par.txt`` (P = K [R t]), the README bounding box and recipe silhouettes."""
+    par = next(folder.glob("*_par.txt"))
+    centres = {}
+    for line in par.read_text().split("\n")[1:]:
+        f = line.split()
+        if len(f) == 22:
+            R, t = np.array(f[10:19], float).reshape(3, 3), np.array(f[19:22], float)
+            centres[Path(f[0]).stem] = -R.T @ t
+    box = np.array(re.findall(r"\(([-\d.]+) ([-\d.]+) ([-\d.]+)\)", (folder / "README.txt").read_text()), float)
+    good = next(folder.glob("*_good_silhouette_images.txt"), None)
+    keep = {Path(n).stem for n in good.read_text().split()[1:]} if good else set(centres)
+
+    def ref_mask(stem):
+        p = folder / f"{stem}.png"
+        return recipe_silhouette(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)) \
+            if stem in keep and p.is_file() else None
+    h, w = cv2.imread(str(next(folder.glob("*.png")))).shape[:2]
+    return ref_mask, (w, h), centres, box.mean(0), float(np.linalg.norm(box[1] - box[0]) / 2)
+
+
+# ---------------------------------------------------------------- running
+
+def run_cli(images: Path, gt: Path | None, workdir: Path, name: str, args) -> dict:
+    """One CLI run; exit code, wall seconds, the first FAILED/error line; the log is kept."""
+    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--images", str(images), "--workdir", str(workdir),
+           "--scene", name, "--until", args.until, "--preset", args.preset, "--no-progress"]
+    cmd += (["--gt", str(gt)] if gt else []) + (["--device", args.device] if args.device else [])
+    cmd += [f"--set={s}" for s in args.set]
+    t0 = time.time()
+    log = workdir / "logs" / f"{name}.log"  # written live: tail it during long runs
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the CLI and its stage processes: the session this call started
+            proc.wait()
+            rc = 124
+            out.write(f"\nFAILED: timed out after {args.timeout} s\n")
+    text = log.read_text(errors="replace")
+    lines = text.splitlines()
+    first = next((ln for ln in lines if "FAILED" in ln), None) or \
+        next((ln for ln in lines if re.search(r"\berror\b", ln, re.IGNORECASE)), None)
+    warn = [ln.split("WARNING", 1)[1].strip()[:200] for ln in lines if " WARNING " in ln]
+    return {"rc": rc, "seconds": round(time.time() - t0, 1), "first_error": first and first.strip()[:300],
+            "warnings": warn[:8]}
+
+
+def run_scene(scene: Scene, args) -> dict:
+    """Generate (synthetic), run the CLI, measure; one result row."""
+    row: dict = {"name": scene.name, "note": scene.note, "kind": "real" if scene.real else "synthetic"}
+    t0 = time.time()
+    if scene.real:
+        images = args.data / scene.real
+        ref = middlebury_reference(images) if "middlebury" in scene.real else None
+        gt = None
+    else:
+        folder = generate_scene(scene, args.workdir / "data", args.views, args.width, args.height)
+        images, gt, ref = folder / "images", folder / "gt", synthetic_reference(folder)
+        row["generate_s"] = round(time.time() - t0, 1)
+    runs = args.workdir / "runs"
+    if args.fresh:
+        shutil.rmtree(runs / scene.name, ignore_errors=True)
+    row.update(run_cli(images, gt, runs, scene.name, args))
+    dirs = stage_dirs(runs / scene.name)
+    ref_mask, size, centres, gt_c, gt_r = ref or (None, (0, 0), {}, None, None)
+    row.update(measure_masks(dirs, ref_mask, size))
+    if ref is not None:
+        row.update(measure_sphere(dirs, centres, gt_c, gt_r))
+    else:
+        cams = view_map(dirs)[0]
+        row["registered"] = None if cams is None else len(cams)
+    row["num_images"] = _read(dirs["frames"] / "frames.json").get("num_source_frames") if "frames" in dirs else None
+    row.update(measure_metrics(dirs))
+    row["status"], row["why"] = classify(row)
+    return row
+
+
+def _f(v, fmt="{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| scene | status | exit | masks | IoU mean | IoU min | flagged | coverage | centre err | radius ratio "
+            "| reg | Chamfer % | F | s | why / first error |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        f = None if r.get("fscore") is None else f"{r['fscore']:.3f}@{r['f_tau_pct']:g}%"
+        flagged = f"{r['flagged']}/{r['frames']}" if r.get("flagged") is not None else "-"
+        reg = f"{r['registered']}/{r.get('num_images') or '?'}" if r.get("registered") is not None else "-"
+        why = "; ".join(r["why"])[:140].replace("|", "/")
+        cov = "-" if r.get("coverage_mean") is None else \
+            f"{r['coverage_mean']:.3f} ({r['coverage_min']:.3f}-{r['coverage_max']:.3f})"
+        lines.append(f"| {r['name']} | {r['status']} | {r['rc']} | {r.get('method') or '-'} | {_f(r.get('iou_mean'))} "
+                     f"| {_f(r.get('iou_min'))} | {flagged} | {cov} | {_f(r.get('centre_err'), '{:.2f}')} "
+                     f"| {_f(r.get('radius_ratio'), '{:.2f}')} | {reg} | {_f(r.get('chamfer_pct'))} | {f or '-'} "
+                     f"| {r['seconds']:.0f} | {why} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenes", default="", help="comma-separated names (default: all synthetic; see --list)")
+    ap.add_argument("--list", action="store_true", help="print the scenes and exit")
+    ap.add_argument("--real", action="store_true", help="add the real sets (dino, temple, skull): minutes each")
+    ap.add_argument("--views", type=int, default=24)
+    ap.add_argument("--width", type=int, default=320)
+    ap.add_argument("--height", type=int, default=240)
+    ap.add_argument("--full", action="store_true", help="run to evaluate (Chamfer, F-score)")
+    ap.add_argument("--until", default=None, help="last stage (default sfm_points; evaluate with --full)")
+    ap.add_argument("--preset", default="fast_cpu")
+    ap.add_argument("--set", action="append", default=[], help="SECTION.KEY=VALUE, passed to the CLI")
+    ap.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/robustness"))
+    ap.add_argument("--data", type=Path, default=DATA, help="the shared data folder (real sets)")
+    ap.add_argument("--fresh", action="store_true", help="delete each scene's run folder first")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per CLI run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.until = args.until or ("evaluate" if args.full else "sfm_points")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for s in SCENES:
+            print(f"{s.name:18s} {'real' if s.real else s.shape + '/' + s.look:18s} {s.note}")
+        return 0
+    names = [n.strip() for n in args.scenes.split(",") if n.strip()] or \
+        [s.name for s in SCENES if not s.real or args.real]
+    if args.scenes and args.real:
+        names += [s.name for s in SCENES if s.real and s.name not in names]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        print(f"unknown scene(s): {', '.join(unknown)}; --list shows them", file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
+        print(f"[robustness] {name} ...", flush=True)
+        rows.append(run_scene(BY_NAME[name], args))
+        r = rows[-1]
+        print(f"[robustness] {name}: {r['status']} (exit {r['rc']}, {r['seconds']:.0f} s) {'; '.join(r['why'])}",
+              flush=True)
+    result = {"views": args.views, "size": f"{args.width}x{args.height}", "preset": args.preset, "set": args.set,
+              "until": args.until, "device": args.device, "cpus": os.cpu_count(), "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1, default=float))
+    print(f"\nObject isolation: {args.views} views {args.width}x{args.height}, preset {args.preset}, "
+          f"until {args.until}\n\n" + table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
