@@ -484,10 +484,10 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
             run.progress.step = step + 1
             run.progress.elapsed = base + time.perf_counter() - t0
             _record(run, step + 1, metrics, writer)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['psnr']:.2f}",
+            if bar is not None:  # the postfix is drawn with the next redraw, not one line a step
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['psnr']:.2f}", refresh=False,
                                 it_s=f"{(step + 1 - bar.initial) / max(run.progress.elapsed - base, 1e-9):.1f}")
+                bar.update(1)
             stopping = should_stop()
             if nxt is None and _ends_a_stretch(cfg, step + 1, stopping):
                 save_checkpoint(run, ckpt_dir, step + 1)
