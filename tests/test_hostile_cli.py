@@ -246,9 +246,12 @@ def test_ctrl_c_prints_one_line_and_the_rerun_finishes(workers, tmp_path):
     wd = tmp_path / "wd"
     args = ["run", "--video", str(video), "--workdir", str(wd), "--until", "frames", "--preset", "fast_cpu",
             "--set", "frames.target_count=300", "--no-progress", "--workers", workers]
+    # A foreground command gets Ctrl-C even when this test runs in the background (nohup, `&` in a
+    # script), where SIGINT is inherited as ignored and Python would then keep ignoring it.
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), *args], start_new_session=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not any(wd.glob("long/frames-*.partial/images/*.jpg")):
         time.sleep(0.005)
