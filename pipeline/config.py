@@ -118,6 +118,7 @@ class MaskConfig:
     grabcut_max_side: int = opt(640, "grabcut: downscale the object's region to at most this many pixels for GrabCut", bounds="[16, 65536]")
     grabcut_hull_res: int = opt(96, "grabcut: voxel resolution of the consensus visual hull", bounds="[8, 1024]")
     consistency_res: int = opt(64, "voxel resolution of the visual hull that flags masks disagreeing with the others", bounds="[8, 1024]")
+    implausible: Literal["fail", "scene"] = opt("fail", "computed masks that fail the multi-view check: fail the stage in one line, or set them aside and train in scene mode (the mesh then holds the surroundings too)")
 
 
 @dataclass(frozen=True)

@@ -327,10 +327,10 @@ def test_grabcut_seed_reaches_down_to_the_supporting_plane():
     assert masks_grabcut.seed_trimap(obj, cams, 0, (240, 320))[v, u] != masks_grabcut.GC_PR_FGD
 
 
-def test_implausible_computed_masks_fall_back_to_scene_mode(scene, tmp_path, monkeypatch):
-    """Computed masks that disagree across the orbit (a box in a random place in each view) are
-    set aside and the stage says scene mode: never an object-mode run on masks that are wrong.
-    The same masks given by the user are kept (and flagged)."""
+def test_implausible_computed_masks_fail_or_fall_back_to_scene_mode(scene, tmp_path, monkeypatch):
+    """Computed masks that disagree across the orbit (a box in a random place in each view) fail
+    the stage in one line, or with masks.implausible=scene are set aside for a scene-mode run:
+    never an object-mode run on masks that are wrong. The same masks given by the user are kept."""
     import stages.masks.grabcut as masks_grabcut
 
     rng = np.random.default_rng(1)
@@ -347,7 +347,10 @@ def test_implausible_computed_masks_fall_back_to_scene_mode(scene, tmp_path, mon
         return {}
 
     monkeypatch.setattr(masks_grabcut, "compute", random_boxes)
-    summary = _run(scene["sfm"], tmp_path / "out", method="grabcut")
+    with pytest.raises(StageError, match=r"masks: the grabcut masks are implausible \((no silhouette consensus|"
+                                         r".* frames disagree).*masks.implausible=scene"):
+        _run(scene["sfm"], tmp_path / "fail", method="grabcut")
+    summary = _run(scene["sfm"], tmp_path / "out", method="grabcut", implausible="scene")
     meta = _read_json(tmp_path / "out" / "masks.json")
     assert summary["method"] == meta["method"] == "none"
     assert meta["fallback"]["from"] == "grabcut"

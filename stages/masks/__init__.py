@@ -174,6 +174,9 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     check_usable(masks, method, provided_dir(frames_dir) if method == "provided" else mask_dir)
     frames = _consistency(stems, masks, cams, cfg, log)
     reason = implausible(frames, method, cams is not None)
+    if reason and cfg.implausible == "fail":
+        raise StageError(f"masks: the {method} masks are implausible ({reason}); give masks (a dataset with "
+                         "masks, or a rembg model), or --set masks.implausible=scene to train in scene mode")
     if reason:
         log.warning("masks: the %s masks are implausible (%s); they are set aside in %s and training runs "
                     "in scene mode (no masks)", method, reason, out_dir / REJECTED_DIR)
