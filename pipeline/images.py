@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -76,22 +77,28 @@ def to_8bit(im, path: Path):
     return Image.fromarray(out)
 
 
+def decode(path: Path, what: str, convert: Callable):
+    """``convert(the image with 8-bit samples)`` of the file at ``path``; a missing file, one too
+    large to decode in memory, or a decoder failure is an InputError naming it and ``what`` it is."""
+    path = Path(path)
+    try:
+        with open_image(path) as img:
+            if decode_bytes(img) > MAX_DECODE_BYTES:
+                raise InputError(f"{path}: {describe(img)} {what} is too large to decode in memory")
+            return convert(to_8bit(img, path))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} file missing") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # not an image, truncated or damaged pixel data
+        raise InputError(f"{path}: {what} cannot be decoded ({exc})") from None
+
+
 def read_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = False) -> np.ndarray:
     """A mask image as bool (H, W): samples above 127 are the object (of an RGBA or LA image, its
     alpha; 16-bit and float samples brought to 8 bits first). ``size`` = (width, height): a mask of
     another size is area-resized with ``resize``, else an InputError. A missing, unreadable or too
     large file is an InputError naming it."""
-    path = Path(path)
-    try:
-        with open_image(path) as img:
-            if decode_bytes(img) > MAX_DECODE_BYTES:
-                raise InputError(f"{path}: {describe(img)} mask is too large to decode in memory")
-            img = to_8bit(img, path)
-            arr = np.asarray(img.getchannel("A") if img.mode in ("RGBA", "LA") else img.convert("L"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: mask file missing") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # not an image, truncated or damaged
-        raise InputError(f"{path}: mask is not a readable image ({exc})") from None
+    arr = decode(path, "mask", lambda img: np.asarray(img.getchannel("A") if img.mode in ("RGBA", "LA")
+                                                      else img.convert("L")))
     if size is not None and (arr.shape[1], arr.shape[0]) != tuple(size):
         if not resize:
             raise InputError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]}, expected {size[0]}x{size[1]}")

@@ -21,9 +21,9 @@ import numpy as np
 
 from pipeline.cameras import Cameras, load_transforms
 from pipeline.dag import Context
-from pipeline.images import IMAGE_SUFFIXES
 from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
+from pipeline.images import IMAGE_SUFFIXES
 from pipeline.log import progress
 import stages.masks.post as post
 

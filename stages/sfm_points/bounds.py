@@ -200,11 +200,9 @@ def implausible(sphere: Sphere, cams: Cameras) -> str | None:
     if not np.isfinite(ratio) or not MIN_FRAMED_RATIO <= ratio <= MAX_FRAMED_RATIO:
         return (f"radius {sphere.radius:.4g} is {ratio:.3g} x the radius {framed:.4g} that the views frame "
                 f"around the point they look at (plausible: {MIN_FRAMED_RATIO:g} to {MAX_FRAMED_RATIO:g})")
-    uv, depth = zip(*(project(sphere.center[None], cams.K[i], cams.w2c[i]) for i in range(len(cams))))
-    uv, depth = np.concatenate(uv), np.concatenate(depth)
-    inside = (depth > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < cams.width) & (uv[:, 1] >= 0) & (uv[:, 1] < cams.height)
-    if inside.mean() < MIN_CENTRE_IN_VIEW:
-        return f"its centre is in view in only {int(inside.sum())} of {len(cams)} frames"
+    in_view = int(frustum_counts(cams, sphere.center[None])[0])
+    if in_view < MIN_CENTRE_IN_VIEW * len(cams):
+        return f"its centre is in view in only {in_view} of {len(cams)} frames"
     return None
 
 

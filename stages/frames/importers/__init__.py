@@ -18,14 +18,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from pipeline.cameras import Cameras
 from pipeline.dag import DATASET_FORMATS, Context
 from pipeline.errors import InputError
-from pipeline.images import MESH_SUFFIXES, open_image, read_mask, to_8bit
+from pipeline.images import MESH_SUFFIXES, decode, open_image, read_mask
 from stages.frames.images import copy_input_tree
 from stages.frames.importers.common import DatasetScene, check_real_inside, image_header
 
@@ -68,15 +67,6 @@ def check_files(scene: DatasetScene, root: Path) -> None:
 
 # ---------------------------------------------------------------- writing frames/
 
-def _decoded(path: Path, what: str, convert: Callable):
-    """``convert(image with 8-bit samples)`` of one image; a decoder failure names the file."""
-    try:
-        with open_image(path) as img:
-            return convert(to_8bit(img, path))
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or damaged pixel data
-        raise InputError(f"{path}: {what} cannot be decoded ({exc})") from None
-
-
 def _png_bit_depth(path: Path) -> int:
     with open(path, "rb") as f:
         head = f.read(25)
@@ -96,7 +86,7 @@ def _write_image(src: Path, dest_stem: Path, from_alpha: bool) -> tuple[str, np.
             dest = dest_stem.with_suffix(".jpg" if suffix != ".png" else ".png")
             shutil.copyfile(src, dest)
             return dest.name, None
-    rgba = _decoded(src, "image", lambda im: np.asarray(im.convert("RGBA")))
+    rgba = decode(src, "image", lambda im: np.asarray(im.convert("RGBA")))
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255  # over white, rounded
     dest = dest_stem.with_suffix(".png")
