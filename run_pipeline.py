@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Command line: reconstruct a mesh from a video, a photo folder or a dataset scene.
+"""meshpipe: reconstruct a mesh from a video, a photo folder or a dataset scene.
 
-    python run_pipeline.py run (--video FILE | --images DIR | --dataset DIR --format FMT) --workdir DIR
-    python run_pipeline.py demo [--workdir DIR]
-    python run_pipeline.py status --workdir DIR [--json]
-    python run_pipeline.py gc --workdir DIR
+    meshpipe run (--video FILE | --images DIR | --dataset DIR --format FMT) --workdir DIR
+    meshpipe plan (the same arguments as run)   what run would do; runs and writes nothing
+    meshpipe config [--preset NAME] [--set SECTION.KEY=VALUE ...]
+    meshpipe demo [--workdir DIR]
+    meshpipe status --workdir DIR [--json]
+    meshpipe gc --workdir DIR
 
-Exit codes: 0 success, 1 a stage failed or could not run, 2 bad usage, input or config,
-130 interrupted (Ctrl-C; rerun the same command to resume).
+``meshpipe`` is the console script of an installed package; from a checkout,
+``python run_pipeline.py`` is the same command. Exit codes: 0 success, 1 a stage failed or could
+not run, 2 bad usage, input or config, 130 interrupted (Ctrl-C; rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -21,12 +24,14 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline import store
+from pipeline import dryrun, store
 from pipeline.config import load_config, preset_names
+from pipeline.config_dump import config_yaml
 from pipeline.dag import DATASET_FORMATS, STAGES, Source
 from pipeline.errors import InputError, PipelineError, one_line
 from pipeline.fsutil import file_lock
 from pipeline.log import setup_logging
+from pipeline.version import version
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 
@@ -99,30 +104,71 @@ def _report(result, debug: bool) -> int:
     return 1
 
 
-def run_scene(source: Source, scene: str, args) -> int:
-    from tasks.build import build
-
+def _scene_plan(source: Source, scene: str, args) -> tuple[Path, dict]:
+    """The workdir and the plan (every stage key up to --until) a run of ``scene`` works from;
+    computing it reads the input and the workdir and writes nothing."""
     workdir = Path(args.workdir).expanduser()
     store.check_workdir(workdir)
     store.check_scene_folder(workdir, scene)
     cfg = load_config(args.preset, args.set)
     until = args.until or store.available_stages()[-1]
-    plan = store.make_plan(scene, source, cfg, until)
+    return workdir, store.make_plan(scene, source, cfg, until)
+
+
+def run_scene(source: Source, scene: str, args) -> int:
+    from tasks.build import build
+
+    workdir, plan = _scene_plan(source, scene, args)
     result = build([plan], workdir, workers=args.workers, scheduler_host=args.scheduler_host,
                    scheduler_port=args.scheduler_port, op=_op(args), debug=args.debug)
     code = _report(result, args.debug)
     if code == 0:
-        _say(f"done: scene '{scene}' up to stage '{until}' in {store.scene_dir(workdir.resolve(), scene)}")
+        _say(f"done: scene '{scene}' up to stage '{plan['until']}' in {store.scene_dir(workdir.resolve(), scene)}")
     return code
 
 
-def cmd_run(args) -> int:
+def _scene_source(args) -> tuple[Source, str]:
     if args.scene is not None:
         store.check_scene_name(args.scene)
     store.check_workdir(Path(args.workdir).expanduser())
     source = _source_from_args(args)
-    scene = args.scene or _scene_name(Path(source.path))
-    return run_scene(source, scene, args)
+    return source, args.scene or _scene_name(Path(source.path))
+
+
+def cmd_run(args) -> int:
+    if args.dry_run:
+        return cmd_plan(args)
+    return run_scene(*_scene_source(args), args)
+
+
+def cmd_plan(args) -> int:
+    """Print each stage's key and state and what a run with these arguments would do; nothing
+    runs and nothing is written (not even plan.json)."""
+    workdir, plan = _scene_plan(*_scene_source(args), args)
+    rows = dryrun.stage_states(workdir.resolve(), plan)
+    todo = [r["stage"] for r in rows if r["action"] in ("run", "resume")]
+    folder = store.scene_dir(workdir.resolve(), plan["scene"])
+    if getattr(args, "json", False):
+        print(json.dumps({"scene": plan["scene"], "dir": str(folder), "preset": args.preset, "until": plan["until"],
+                          "stages": rows, "would_run": todo}, indent=1))
+        return 0
+    _say(f"plan: scene '{plan['scene']}' in {folder}, preset '{args.preset}', until '{plan['until']}'")
+    print(f"  {'stage':12s} {'key':13s} {'state':8s} action")
+    for r in rows:
+        print(f"  {r['stage']:12s} {r['key']:13s} {r['state']:8s} {r['action']}")
+    print(f"would run {len(todo)} of {len(rows)} stage(s): {', '.join(todo)}" if todo else
+          "nothing to run: every stage needed is done")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """Print the resolved config as YAML (a valid preset), each key under its one-line doc."""
+    cfg = load_config(args.preset, args.set)
+    given = f"preset '{args.preset}'" + "".join(f", --set {item}" for item in args.set)
+    sys.stdout.write(config_yaml(cfg, [
+        f"meshpipe {version()}: the resolved config ({one_line(given)})",
+        "saved to a file, this is a preset: --preset FILE.yaml; one value: --set SECTION.KEY=VALUE"]))
+    return 0
 
 
 def cmd_batch(args) -> int:
@@ -260,14 +306,30 @@ def _int_in(lo: int, hi: int | None = None):
     return parse
 
 
-def _add_run_options(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video", help="a video file")
+    p.add_argument("--images", help="a folder of photos")
+    p.add_argument("--dataset", help="a dataset scene folder (with --format)")
+    p.add_argument("--format", choices=DATASET_FORMATS, help="dataset format")
+    p.add_argument("--gt", help="ground-truth folder (gt.json, gt_mesh.ply, ...) for evaluation")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help=f"config preset ({', '.join(preset_names())}) or a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable)")
+
+
+def _add_scene_options(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
     p.add_argument("--workdir", required=workdir_required, default=None if workdir_required else "demo_workdir",
                    help="where stage folders are kept")
     p.add_argument("--scene", help="scene name (default: the input's file or folder name)")
-    p.add_argument("--preset", default=None, help=f"config preset ({', '.join(preset_names())})")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable)")
+    _add_config_options(p)
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
+
+
+def _add_run_options(p: argparse.ArgumentParser, workdir_required: bool = True) -> None:
+    _add_scene_options(p, workdir_required)
     p.add_argument("--workers", type=_int_in(1), default=1, help="Luigi worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--gpus", help="GPU ids for GPU stages, e.g. 0,1: one stage per card at a time")
@@ -278,16 +340,26 @@ def _add_run_options(p: argparse.ArgumentParser, workdir_required: bool = True) 
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="run_pipeline.py", description=__doc__.split("\n")[0])
+    ap = _Parser(prog="meshpipe", description=__doc__.split("\n")[0].partition(": ")[2],
+                 epilog="From a checkout, 'python run_pipeline.py ...' is the same command. Exit codes: 0 success, "
+                        "1 a stage failed, 2 bad usage, input or config, 130 interrupted (rerun to resume).")
+    ap.add_argument("--version", action="version", version=f"meshpipe {version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="reconstruct one scene")
-    p.add_argument("--video", help="a video file")
-    p.add_argument("--images", help="a folder of photos")
-    p.add_argument("--dataset", help="a dataset scene folder (with --format)")
-    p.add_argument("--format", choices=DATASET_FORMATS, help="dataset format")
-    p.add_argument("--gt", help="ground-truth folder (gt.json, gt_mesh.ply, ...) for evaluation")
+    _add_input_options(p)
     _add_run_options(p)
+    p.add_argument("--dry-run", action="store_true", help="only print what would run (as 'plan'), then stop")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("plan", help="print each stage's key and state and what 'run' would do; runs nothing")
+    _add_input_options(p)
+    _add_scene_options(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("config", help="print the resolved config as YAML, each key with its doc")
+    _add_config_options(p)
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("demo", help="generate a synthetic scene and reconstruct it")
     _add_run_options(p, workdir_required=False)
     p.set_defaults(func=cmd_demo)
@@ -321,7 +393,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.debug)
-    if getattr(args, "preset", "") is None and args.command == "run":
+    if getattr(args, "preset", "") is None and args.command in ("run", "plan", "config"):
         args.preset = "default"
     try:
         return args.func(args)

@@ -70,7 +70,7 @@ def train_config(preset: str, overrides: list[str], ablations: list[str], iterat
 
     cfg = load_preset(preset)
     if preset == "fast_cpu" and cfg.train == TrainConfig():
-        print("note: configs/fast_cpu.yaml has no train section yet; using tests/train_inputs.FAST_CPU_TRAIN",
+        print("note: pipeline/presets/fast_cpu.yaml has no train section yet; using tests/train_inputs.FAST_CPU_TRAIN",
               file=sys.stderr)
         cfg = apply_overrides(cfg, {"train": FAST_CPU_TRAIN}, source="fallback")
     changes = {}

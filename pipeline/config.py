@@ -2,7 +2,9 @@
 
 Each field carries a one-line doc in its metadata (``opt(default, doc)``), and every numeric
 field its allowed range (``bounds="[1, 100]"``, interval notation; ``(`` / ``)`` exclude the end).
-Presets in ``configs/<name>.yaml`` only override defaults and may name a ``base:`` preset.
+Presets in ``pipeline/presets/<name>.yaml`` (package data, read with ``importlib.resources``, so
+they work from a checkout and from an installed wheel alike) only override defaults and may name
+a ``base:`` preset.
 Unknown keys, badly typed values and values out of range (NaN and infinities included) raise
 ``ConfigError`` naming the key, the value and what is allowed.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import json
 import math
 import re
@@ -24,7 +27,7 @@ import yaml
 from pipeline.dag import STAGES
 from pipeline.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = importlib.resources.files("pipeline") / "presets"  # the named presets, <name>.yaml
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class MaskConfig:
     dilate_px: int = opt(0, "dilate masks by this many pixels after clean-up", bounds="[0, 1000]")
     keep_components: int = opt(1, "keep this many largest connected components", bounds="[0, 1000]")
     fill_holes: bool = opt(True, "fill holes inside the mask")
+    seed: Literal["auto", "freespace", "points"] = opt("auto", "grabcut: seed from the free-space hull (the space the views see through, carved by plane-sweep stereo: no texture on the object needed) or from the SfM points on the object; auto: the hull, the points when no hull can be carved")
     grabcut_rounds: int = opt(2, "grabcut: passes; 1 = seeded pass only, each more redoes masks that spill outside the multi-view consensus", bounds="[1, 100]")
     grabcut_iters: int = opt(5, "grabcut: GrabCut iterations per pass", bounds="[1, 100]")
     grabcut_max_side: int = opt(640, "grabcut: downscale the object's region to at most this many pixels for GrabCut", bounds="[16, 65536]")
@@ -217,7 +221,7 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off)", bounds="[0, inf)")
     # bookkeeping
     checkpoint_every: int = opt(2000, "write a checkpoint every this many steps (and on SIGTERM)", bounds="[1, inf)")
-    log_every: int = opt(100, "TensorBoard scalars and the loss curve in train.json every this many steps", bounds="[1, inf)")
+    log_every: int = opt(100, "TensorBoard scalars, the loss curve in train.json and (without progress bars) a log line every this many steps", bounds="[1, inf)")
     eval_chunk: int = opt(4096, "rays per chunk when rendering held-out views", bounds="[1, 67108864]")
     gpus: int = opt(1, "GPUs that train this scene together (torchrun DDP; with --device cpu: gloo processes); "
                        "each draws batch_rays / gpus rays per step, so results match 1 GPU within noise", bounds="[1, 1024]")
@@ -261,6 +265,7 @@ class EvaluateConfig:
     iou_max_views: int = opt(24, "silhouette IoU over at most this many views spread over the sequence (0 = all)", bounds="[0, 100000]")
     render_max_side: int = opt(640, "IoU and report renders use the images scaled to at most this long side", bounds="[16, 65536]")
     report_frames: int = opt(48, "thumbnails in the report's input contact sheet", bounds="[0, 10000]")
+    viewer_faces: int = opt(200000, "faces of the mesh in the report's 3D view (a decimated copy; the full mesh stays on disk; 0 = no 3D view)", bounds="[0, 20000000]")
     seed: int = opt(0, "seed of the surface sampling", bounds="[0, 4294967295]")
     region_margin: float = opt(0.02, "object-region scores: GT bounds grown by this fraction of the GT diagonal", bounds="[0, 1]")
     floor_margin: float = opt(0.01, "object-region scores: a GT support plane (gt.json support_plane_z) and this fraction of the diagonal above it are left out", bounds="[0, 1]")
@@ -429,7 +434,9 @@ def apply_overrides(cfg: PipelineConfig, data: dict, source: str) -> PipelineCon
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    if not PRESETS.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
 
 
 def _read_yaml(path: Path) -> dict:
@@ -450,19 +457,21 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_preset(name_or_path: str, _seen: tuple = ()) -> PipelineConfig:
-    """Resolve a preset by name (``configs/<name>.yaml``) or by path, following ``base:``."""
+    """Resolve a preset by name (``pipeline/presets/<name>.yaml``) or by the path of a YAML
+    file, following ``base:``."""
+    names = preset_names()
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        names = preset_names()
+        path = PRESETS / f"{name_or_path}.yaml" if name_or_path in names else None
+    if path is None or not path.is_file():
         raise ConfigError(f"unknown preset '{name_or_path}'{_nearest(name_or_path, names)} "
                           f"(available: {', '.join(names)})")
-    if path.resolve() in _seen:
+    seen = str(path.resolve()) if isinstance(path, Path) else str(path)
+    if seen in _seen:
         raise ConfigError(f"{path}: 'base:' presets form a cycle")
     data = _read_yaml(path)
     base = data.pop("base", None)
-    cfg = load_preset(str(base), _seen + (path.resolve(),)) if base else PipelineConfig()
+    cfg = load_preset(str(base), _seen + (seen,)) if base else PipelineConfig()
     return apply_overrides(cfg, data, source=str(path))
 
 
