@@ -88,6 +88,12 @@ def scene_rows(workdir: Path, plans: list[dict], failures: list[dict]) -> list[d
     return rows
 
 
+THUMBNAIL = "thumbnail.jpg"  # the evaluate stage's small mesh render, published beside report.html
+STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}td.view img{display:block;max-height:90px}"
+         "tr.failed{background:#fdd}tr.done{background:#efe}tr.incomplete{background:#ffd}")
+
+
 def write_summary(workdir: Path, rows: list[dict]) -> tuple[Path, Path]:
     columns = ["scene", "status", "failed_stage", "reason"]
     columns += sorted({k for r in rows for k in r} - set(columns) - {"report"}) + ["report"]
@@ -97,24 +103,32 @@ def write_summary(workdir: Path, rows: list[dict]) -> tuple[Path, Path]:
     writer.writerows(rows)
     csv_path, html_path = workdir / "batch_summary.csv", workdir / "batch_report.html"
     atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(html_path, summary_page(workdir, rows, columns))
+    return csv_path, html_path
+
+
+def _view_cell(workdir: Path, report: str) -> str:
+    """The scene's thumbnail (or the word "report") linking to its report; empty without one."""
+    if not report:
+        return '<td class="view"></td>'
+    thumb = Path(report).with_name(THUMBNAIL).as_posix()
+    inner = (f'<img src="{html.escape(thumb)}" alt="mesh render" loading="lazy">'
+             if (workdir / thumb).is_file() else "report")
+    return f'<td class="view"><a href="{html.escape(report)}">{inner}</a></td>'
+
+
+def summary_page(workdir: Path, rows: list[dict], columns: list[str]) -> str:
+    """batch_report.html: one row per scene, its thumbnail linking to its report.html."""
     ok = sum(r["status"] == "done" for r in rows)
     cells = []
     for r in rows:
-        tds = []
-        for c in columns:
+        tds = [_view_cell(workdir, r.get("report", ""))]
+        for c in columns[:-1]:  # the last column, report, is the view cell
             value = r.get(c, "")
-            if c == "report" and value:
-                tds.append(f'<td><a href="{html.escape(value)}">report</a></td>')
-            else:
-                text = f"{value:.4g}" if isinstance(value, float) else str(value)
-                tds.append(f'<td class="{html.escape(c)}">{html.escape(text)}</td>')
-        cells.append(f'<tr class="{r["status"]}">{"".join(tds)}</tr>')
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Batch report</title><style>"
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
-            "tr.failed{background:#fdd}tr.done{background:#efe}tr.incomplete{background:#ffd}</style></head>"
-            f"<body><h1>Batch report</h1><p>{ok} of {len(rows)} scenes done.</p>"
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            tds.append(f'<td class="{html.escape(c)}">{html.escape(text)}</td>')
+        cells.append(f'<tr class="{html.escape(r["status"])}">{"".join(tds)}</tr>')
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["report", *columns[:-1]])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Batch report</title><style>{STYLE}</style>"
+            f"</head><body><h1>Batch report</h1><p>{ok} of {len(rows)} scenes done.</p>"
             f"<table><tr>{head}</tr>{''.join(cells)}</table></body></html>")
-    atomic_write_text(html_path, page)
-    return csv_path, html_path

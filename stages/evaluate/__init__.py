@@ -1,4 +1,5 @@
-"""Stage 8, evaluate: score the cleaned mesh and write ``metrics.json`` and ``report.html``.
+"""Stage 8, evaluate: score the cleaned mesh and write ``metrics.json`` and ``report.html`` (with
+an interactive 3D view of the mesh, ``viewer.py``) and a small render, ``thumbnail.jpg``.
 
 With ground truth (``frames/gt/``): Chamfer-L1 and F-scores against ``gt_mesh.ply`` after
 bringing the mesh into the GT frame (identity for dataset imports whose cameras are GT; else a
@@ -27,13 +28,13 @@ import stages.evaluate.metrics as M
 from stages.evaluate.scene import (HOLDOUT_EVERY, EvalScene, find_gt_mesh, gt_info, load_mesh, load_scene,
                                    pick_views, read_json, scaled_camera)
 
-VERSION = "1"
-PUBLISH = ("report.html", "metrics.json")
+VERSION = "2"
+PUBLISH = ("report.html", "metrics.json", "thumbnail.jpg")
 ICP_POINTS = 20000  # reconstruction samples used by ICP
 
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
-    """Compute the metrics, write ``metrics.json`` and ``report.html`` into ``out_dir``."""
+    """Compute the metrics, write ``metrics.json``, ``report.html`` and ``thumbnail.jpg`` into ``out_dir``."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     scene = load_scene(inputs)

@@ -19,20 +19,28 @@ BACKGROUND = np.array([235, 235, 235], np.float32)  # render background (light g
 GREY = np.array([200, 200, 200], np.float32)  # mesh colour without vertex colours
 
 
-def data_uri(image, fmt: str = "PNG", quality: int = 85) -> str:
-    """A ``data:`` URI of a uint8 array / PIL image (PNG or JPEG) or of PNG bytes."""
+def encode(image, fmt: str = "PNG", quality: int = 85, max_side: int | None = None) -> bytes:
+    """PNG or JPEG bytes of a uint8 array / PIL image, shrunk so its long side is <= ``max_side``."""
     from PIL import Image
 
+    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    if max_side and max(img.size) > max_side:
+        img = img.copy()
+        img.thumbnail((max_side, max_side), Image.LANCZOS)
+    buf = io.BytesIO()
+    if fmt.upper() == "JPEG":
+        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def data_uri(image, fmt: str = "PNG", quality: int = 85) -> str:
+    """A ``data:`` URI of a uint8 array / PIL image (PNG or JPEG) or of PNG bytes."""
     if isinstance(image, bytes):
         payload, mime = image, "image/png"
     else:
-        img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-        buf = io.BytesIO()
-        if fmt.upper() == "JPEG":
-            img.convert("RGB").save(buf, format="JPEG", quality=quality)
-        else:
-            img.save(buf, format="PNG", optimize=True)
-        payload, mime = buf.getvalue(), f"image/{fmt.lower()}"
+        payload, mime = encode(image, fmt, quality), f"image/{fmt.lower()}"
     return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
 
 

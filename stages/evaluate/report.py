@@ -1,6 +1,7 @@
 """The per-scene ``report.html`` of the evaluate stage: one self-contained file (pictures are
-base64 data URIs, styles inline, no scripts, no external references) with the metrics, stage
-times, input frames, masks, cameras and bounding sphere, training curves and mesh renders.
+base64 data URIs, styles and scripts inline, a Content-Security-Policy that allows no request)
+with the metrics, an interactive 3D view (``viewer.py``), stage times, input frames, masks,
+cameras and bounding sphere, training curves and mesh renders; and ``thumbnail.jpg`` beside it.
 """
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import atomic_write_bytes, atomic_write_text
 import stages.evaluate.figures as F
 from pipeline.images import read_mask
-from stages.evaluate.scene import held_out_views, pick_views, scaled_camera
+from stages.evaluate.scene import bounding_sphere, held_out_views, pick_views, scaled_camera
+from stages.evaluate.viewer import CSP, CSS as VIEWER_CSS, viewer_section
 
 THUMB_SIDE = 160  # contact sheet thumbnails
 OVERLAY_COUNT = 8  # frames with their mask overlaid
 RENDER_VIEWS = 4  # mesh renders next to input frames
+THUMBNAIL = "thumbnail.jpg"  # the first mesh render, small, for the batch report
 
 CSS = """
 body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1400px; }
@@ -170,9 +173,7 @@ def masks_section(scene) -> str:
 
 def cameras_section(scene, cfg) -> str:
     sp = scene.inputs.get("sfm_points")
-    info = json.loads((sp / "scene.json").read_text()) if sp and (sp / "scene.json").is_file() else {}
-    center = np.asarray(info.get("sphere_center", scene.cams.extra.get("sphere_center", scene.cams.centers.mean(0))))
-    radius = float(info.get("sphere_radius", scene.cams.extra.get("sphere_radius", 1.0)))
+    center, radius = bounding_sphere(scene)
     points = np.load(sp / "points.npy", allow_pickle=False) if sp and (sp / "points.npy").is_file() else None
     held = held_out_views(scene, cfg)
     png = F.camera_plot(scene.cams.c2w, center, radius, points, held)
@@ -197,7 +198,8 @@ def training_section(scene) -> str:
     return out + figure(F.data_uri(F.training_plot(curves)), f"{len(curves)} scalar curves")
 
 
-def renders_section(scene, cfg) -> str:
+def renders_section(scene, cfg, thumbnail: Path | None = None) -> str:
+    """Mesh renders next to the input frames; the first render also goes to ``thumbnail``."""
     held = held_out_views(scene, cfg)
     candidates = held if len(held) >= RENDER_VIEWS else list(range(len(scene.cams)))
     views = [candidates[k] for k in pick_views(len(candidates), RENDER_VIEWS)]
@@ -208,6 +210,8 @@ def renders_section(scene, cfg) -> str:
         render, covered = F.render_shaded(scene.vertices, scene.faces, scene.colors, K, scene.cams.c2w[i], w, h)
         frame = F.load_rgb(scene.inputs["sfm"] / scene.cams.names[i], size=(w, h))
         name = Path(scene.cams.names[i]).stem
+        if thumbnail is not None and i == views[0]:
+            atomic_write_bytes(thumbnail, F.encode(render, "JPEG", max_side=THUMB_SIDE))
         note_held = " (held out from training)" if i in held else ""
         cells = [figure(F.data_uri(frame, "JPEG"), f"input frame {name}{note_held}"),
                  figure(F.data_uri(render, "JPEG"), f"mesh from camera {name}")]
@@ -222,12 +226,15 @@ def renders_section(scene, cfg) -> str:
 
 
 def write_report(path: Path, scene, m: dict, cfg, ctx) -> None:
-    """Assemble and write ``report.html``; each section is independent of the others."""
-    sections = [metrics_section(m), times_section(scene, m), frames_section(scene, cfg), masks_section(scene),
-                cameras_section(scene, cfg), training_section(scene), renders_section(scene, cfg)]
+    """Assemble and write ``report.html`` (and ``thumbnail.jpg`` beside it); each section is
+    independent of the others."""
+    sections = [metrics_section(m), viewer_section(scene, cfg.viewer_faces), times_section(scene, m),
+                frames_section(scene, cfg), masks_section(scene), cameras_section(scene, cfg), training_section(scene),
+                renders_section(scene, cfg, path.with_name(THUMBNAIL))]
     title = f"Reconstruction report: {ctx.scene}"
-    doc = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-           f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+    doc = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+           f'<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>{esc(title)}</title>'
+           f"<style>{CSS}{VIEWER_CSS}</style></head><body>"
            f"<h1>{esc(title)}</h1>"
            + note(f"written {time.strftime('%Y-%m-%d %H:%M:%S')}; source: "
                   f"{scene.frames_meta.get('source_kind', '?')}; ground truth: {'yes' if scene.gt_dir else 'no'}")

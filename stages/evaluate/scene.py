@@ -106,3 +106,12 @@ def held_out_views(scene: EvalScene, cfg: Any) -> list[int]:
         return [i for i in out if 0 <= i < len(scene.cams)]
     n = len(scene.cams)
     return list(range(0, n, HOLDOUT_EVERY)) if cfg.holdout and n >= 2 * HOLDOUT_EVERY else []
+
+
+def bounding_sphere(scene: EvalScene) -> tuple[np.ndarray, float]:
+    """Centre and radius of the bounding sphere: sfm_points' ``scene.json``, else the one in the
+    SfM cameras' transforms.json, else the camera centres' mean and radius 1."""
+    sp = scene.inputs.get("sfm_points")
+    info = read_json(sp / "scene.json") if sp and (sp / "scene.json").is_file() else {}
+    center = info.get("sphere_center", scene.cams.extra.get("sphere_center", scene.cams.centers.mean(0)))
+    return np.asarray(center, np.float64), float(info.get("sphere_radius", scene.cams.extra.get("sphere_radius", 1.0)))
