@@ -10,6 +10,7 @@ one float32 line-segment array per overlay, each starting on a 4-byte boundary.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import zlib
 from pathlib import Path
@@ -141,7 +142,12 @@ def viewer_section(scene: EvalScene, max_faces: int) -> str:
     if max_faces <= 0 or len(scene.faces) == 0:
         why = "evaluate.viewer_faces is 0" if max_faces <= 0 else "the mesh is empty"
         return f'<h2>3D view</h2><p class="note">3D view off: {why}.</p>'
-    data = viewer_data(scene, max_faces)
+    import pymeshlab
+
+    try:
+        data = viewer_data(scene, max_faces)
+    except pymeshlab.PyMeshLabException as exc:  # a mesh MeshLab cannot decimate: no view, the rest stays
+        return f'<h2>3D view</h2><p class="note">3D view off: decimation failed ({html.escape(str(exc))}).</p>'
     faces = (f"{data['faces']} of {data['full_faces']} faces (decimated for the view; the full mesh is mesh.ply)"
              if data["faces"] < data["full_faces"] else f"all {data['faces']} faces")
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
