@@ -53,7 +53,9 @@ STAGE_DIR = re.compile(rf"^({'|'.join(STAGES)})-[0-9a-f]{{{store.KEY_LEN}}}$")  
 RUN_KEYS = {"seconds", "wall_seconds", "eval_seconds", "elapsed", "samples_per_second", "seconds_per_frame",
             "stage_seconds", "finished", "time", "timings", "blocks_evaluated", "blocks_resumed",
             "samples_evaluated", "reused", "computed", "timeline"}
-UNCOMPARED = ("report.html",)  # embeds the date and stage times; its numbers come from metrics.json
+# report.html embeds the date and stage times (its numbers come from metrics.json); stage.log
+# holds times, and a resumed stage's log has the killed attempt's lines too
+UNCOMPARED = ("report.html", "stage.log")
 
 
 @dataclass

@@ -6,8 +6,9 @@
 - ``w2c = inv(c2w)``; a world point X maps to the camera as ``x_cam = R X + t``.
 - Pixel coordinates are continuous with (0, 0) at the top-left corner of the top-left pixel,
   so pixel (row i, column j) has its centre at (u, v) = (j + 0.5, i + 0.5) (COLMAP's convention).
-- ``transforms.json`` (instant-ngp / Neuralangelo): ``fl_x, fl_y, cx, cy, w, h`` and
-  ``frames[].file_path`` / ``frames[].transform_matrix`` (camera-to-world, OpenGL axes).
+- ``transforms.json`` (instant-ngp / Neuralangelo / nerfstudio): ``fl_x, fl_y, cx, cy, w, h``,
+  ``aabb_scale`` and ``frames[].file_path`` / ``frames[].transform_matrix`` (camera-to-world,
+  OpenGL axes), ``frames[].mask_path`` where there is a mask; paths relative to the file's folder.
 - NeuS/IDR ``cameras_sphere.npz``: ``world_mat_i = K @ w2c`` (4x4) and ``scale_mat_i``, the
   similarity that maps the unit sphere to world coordinates.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import scipy.linalg
 from pipeline.errors import InputError
 
 GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0])
+NGP_SCALE = 0.33  # instant-ngp's default "scale": transforms.json units to its unit cube
 
 
 @dataclass
@@ -127,20 +130,60 @@ def _check_finite(arr: np.ndarray, what: str, path: Path) -> None:
         raise InputError(f"{path}: {what} contains NaN or infinite values")
 
 
-def save_transforms(path: Path, cams: Cameras, extra: dict | None = None) -> None:
-    """Write ``transforms.json``; ``names`` become ``file_path`` values as given."""
+def aabb_scale(center, radius: float) -> int:
+    """instant-ngp's ``aabb_scale`` for a ball in transforms.json units: the smallest power of two
+    (1 to 128) whose box holds the ball, with instant-ngp's default mapping of those units to its
+    unit cube (x ``NGP_SCALE``, world origin at the cube's centre)."""
+    extent = 2.0 * NGP_SCALE * (float(np.abs(np.asarray(center, np.float64)).max()) + float(radius))
+    return int(min(128, max(1, 2 ** math.ceil(math.log2(max(extent, 1e-9))))))
+
+
+def scene_ball(cams: Cameras) -> tuple[np.ndarray, float]:
+    """The ball around the point the cameras look at that holds every camera: the region a
+    transforms.json without an object sphere describes."""
+    center = look_at_point(cams)
+    return center, float(np.linalg.norm(cams.centers - center, axis=1).max())
+
+
+def frame_paths(cams: Cameras, image_root: Path, json_dir: Path,
+                mask_dir: Path | None = None) -> tuple[list[str], list[str | None]]:
+    """``file_path`` values for a transforms.json in ``json_dir`` whose images are ``cams.names``
+    under ``image_root``, and ``mask_path`` values of their masks ``mask_dir/<stem>.png`` (None
+    where there is none): relative to ``json_dir``, as nerfstudio and instant-ngp resolve them."""
+    def rel(path: Path) -> str:
+        return Path(os.path.relpath(path, json_dir)).as_posix()
+    images = [rel(Path(image_root) / name) for name in cams.names]
+    masks: list[str | None] = [None] * len(cams)
+    if mask_dir is not None:
+        masks = [rel(p) if (p := Path(mask_dir) / f"{Path(name).stem}.png").is_file() else None
+                 for name in cams.names]
+    return images, masks
+
+
+def save_transforms(path: Path, cams: Cameras, extra: dict | None = None,
+                    mask_paths: list[str | None] | None = None) -> None:
+    """Write ``transforms.json``; ``names`` become ``file_path`` values as given, ``mask_paths``
+    (None entries skipped) ``mask_path`` values. ``aabb_scale`` comes from the object sphere
+    (``sphere_center``/``sphere_radius`` in the extras) or else the cameras' ``scene_ball``,
+    unless the extras give one."""
     K0 = cams.K[0]
+    keys = {**cams.extra, **(extra or {})}
+    sphere = "sphere_center" in keys and "sphere_radius" in keys
+    ball = (keys["sphere_center"], keys["sphere_radius"]) if sphere else scene_ball(cams)
     data = {
         "fl_x": float(K0[0, 0]), "fl_y": float(K0[1, 1]),
         "cx": float(K0[0, 2]), "cy": float(K0[1, 2]),
         "w": int(cams.width), "h": int(cams.height),
         "camera_angle_x": 2.0 * math.atan(cams.width / (2.0 * K0[0, 0])),
         "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
-        **cams.extra, **(extra or {}),
+        "aabb_scale": aabb_scale(*ball),
+        **keys,
         "frames": [],
     }
     for i, name in enumerate(cams.names):
         frame = {"file_path": name, "transform_matrix": gl_from_cv(cams.c2w[i]).tolist()}
+        if mask_paths is not None and mask_paths[i] is not None:
+            frame["mask_path"] = mask_paths[i]
         if not np.allclose(cams.K[i], K0):
             Ki = cams.K[i]
             frame.update(fl_x=float(Ki[0, 0]), fl_y=float(Ki[1, 1]), cx=float(Ki[0, 2]), cy=float(Ki[1, 2]))

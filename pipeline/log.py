@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 from pipeline.errors import OneLineFormatter
@@ -11,6 +13,7 @@ from pipeline.errors import OneLineFormatter
 T = TypeVar("T")
 LOGGER_NAME = "pipeline"
 LOG_INTERVAL_S = 5.0  # a progress line this often when stderr is a file or a pipe
+STAGE_LOG = "stage.log"  # in every stage folder: the stage process's records, INFO and above
 
 
 def setup_logging(debug: bool = False) -> logging.Logger:
@@ -22,6 +25,25 @@ def setup_logging(debug: bool = False) -> logging.Logger:
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
     return log
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file whose failed writes (a full disk) are dropped without a traceback on stderr:
+    the stage's own error report says what went wrong."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def log_to_file(log: logging.Logger, path: Path) -> logging.Handler:
+    """Also write ``log``'s records of INFO and above to ``path`` as they come (appended: a resumed
+    stage adds to its log), dated, one line each; the file is 0644 like every output."""
+    handler = _QuietFileHandler(path, mode="a", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    os.chmod(path, 0o644)
+    log.addHandler(handler)
+    return handler
 
 
 class _Lines(io.TextIOBase):

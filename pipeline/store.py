@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -35,7 +36,17 @@ KEY_LEN = 12
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 DONE_PLAN = "plan_done.json"  # the plan of the scene's last run that finished: gc keeps its folders too
-INTERNAL_FILES = (".job.json", ".summary.json", ".error.json")
+VERSIONS = ".versions.json"  # written by the stage process: what it ran with (dependency_versions)
+INTERNAL_FILES = (".job.json", ".summary.json", ".error.json", VERSIONS)
+# Distributions whose versions a manifest records (those installed); several names, one key.
+DEPENDENCIES = {"torch": ("torch",), "numpy": ("numpy",), "scipy": ("scipy",), "pycolmap": ("pycolmap",),
+                "luigi": ("luigi",), "trimesh": ("trimesh",), "pymeshlab": ("pymeshlab",),
+                "opencv": ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                           "opencv-contrib-python"),
+                "rembg": ("rembg",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "av": ("av",),
+                "pillow": ("pillow",), "scikit-image": ("scikit-image",), "xatlas": ("xatlas",),
+                "tensorboard": ("tensorboard",), "tqdm": ("tqdm",), "pyyaml": ("pyyaml",), "triton": ("triton",),
+                "tinycudann": ("tinycudann",)}
 STALE_TEMP_SECONDS = 60  # a temporary file untouched this long outside a locked stage folder is a dead write
 
 
@@ -296,18 +307,29 @@ def load_plans(workdir: Path, name: str = PLAN, on_bad=None) -> dict[str, dict]:
     return plans
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("numpy", "torch", "pycolmap", "luigi", "av"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = getattr(mod, "__version__", "?")
+def dependency_versions() -> dict:
+    """Python, the project and every installed dependency of ``DEPENDENCIES``, with torch's CUDA
+    build when torch is loaded: called in the stage process, so it records what the stage ran with."""
+    from pipeline.version import DISTRIBUTION, version
+
+    out = {"python": platform.python_version(), DISTRIBUTION: version()}
+    for key, names in DEPENDENCIES.items():
+        for name in names:
+            try:
+                out[key] = importlib.metadata.version(name)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "version", None) is not None:
+        out["torch_cuda"] = torch.version.cuda or "none"
     return out
 
 
 def write_manifest(partial: Path, stage: str, key: str, config: dict, summary: dict,
                    seconds: float) -> dict:
-    """Record every file (size, sha256) and write ``manifest.json`` last, atomically."""
+    """Record every file (size, sha256) and write ``manifest.json`` last, atomically. The
+    versions are those the stage process recorded (``VERSIONS``); empty when it left none."""
     files = {}
     for rel in _walk_files(partial):
         if rel.name in INTERNAL_FILES or rel.as_posix() == MANIFEST:
@@ -316,9 +338,17 @@ def write_manifest(partial: Path, stage: str, key: str, config: dict, summary: d
         files[rel.as_posix()] = {"size": full.stat().st_size, "sha256": sha256_file(full)}
     manifest = {"stage": stage, "key": key, "files": files, "summary": summary,
                 "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "config": config, "versions": _versions()}
+                "config": config, "versions": _recorded_versions(partial)}
     atomic_write_json(partial / MANIFEST, manifest)
     return manifest
+
+
+def _recorded_versions(partial: Path) -> dict:
+    try:
+        versions = read_json(partial / VERSIONS)
+    except (OSError, ValueError):
+        return {}
+    return versions if isinstance(versions, dict) else {}
 
 
 def commit(partial: Path, final: Path) -> None:

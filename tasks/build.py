@@ -48,17 +48,23 @@ def _collect_errors(workdir: Path, plan: dict) -> list[dict]:
 
 
 def publish(workdir: Path, plan: dict) -> list[str]:
-    """Copy the main outputs of the plan's stages (``PUBLISH``) to ``<workdir>/<scene>/``."""
+    """Copy the main outputs of the plan's finished stages (``PUBLISH``) to ``<workdir>/<scene>/``;
+    a published name the stage folder lacks (a texture of an earlier run) is removed there, so
+    the copies stay a consistent set (mesh.obj with the mtl and texture it names)."""
     done = []
     for stage, key in plan["keys"].items():
         module = importlib.import_module(stage_module_name(stage))
         folder = store.stage_dir(workdir, plan["scene"], stage, key)
+        if not store.is_done(folder):
+            continue
         for name in getattr(module, "PUBLISH", ()):
             src, dst = folder / name, store.scene_dir(workdir, plan["scene"]) / Path(name).name
             if src.is_file():
                 if not same_content(src, dst):
                     atomic_copy(src, dst)
                 done.append(Path(name).name)
+            elif dst.is_file():
+                dst.unlink()
     return done
 
 

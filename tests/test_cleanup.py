@@ -66,8 +66,9 @@ def test_removes_floaters_and_slabs_keeps_object(scene, cleaned):
     assert report["faces_culled"] > 10000 and report["components_removed"] >= 1
     info = json.loads((out / "cleanup.json").read_text())
     assert info["watertight"] and info["genus"] == 0 and info["components"] == 1
-    for name in cleanup.PUBLISH:
+    for name in ("mesh.ply", "mesh.obj", "mesh.glb"):  # no texture asked: no mesh.mtl, no mesh_texture.png
         assert (out / name).stat().st_size > 0
+    assert not (out / "mesh.mtl").exists() and set(report["files"]) == {"mesh.ply", "mesh.obj", "mesh.glb"}
     assert len(trimesh.load(out / "mesh.glb", force="mesh").faces) == len(mesh.faces)
 
 
@@ -122,7 +123,7 @@ def test_texture_atlas(scene, tmp_path):
     pytest.importorskip("xatlas")
     gt = trimesh.load(scene / "gt_mesh.ply", process=False)
     out, report = _run(tmp_path, gt, scene, target_faces=1500, texture=True, texture_size=256)
-    assert report["textured"] and (out / "mesh.mtl").exists()
+    assert report["textured"] and set(report["files"]) == set(cleanup.PUBLISH)  # the OBJ with its mtl and png
     mesh = trimesh.load(out / "mesh.obj", process=False)
     assert mesh.visual.kind == "texture" and len(mesh.faces) == report["faces"]
     texels = mesh.visual.material.to_color(mesh.visual.uv)[:, :3] / 255.0

@@ -20,7 +20,7 @@ def _manifests(workdir: Path) -> dict[str, float]:
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in ("manifest.json",)}
+            if p.is_file() and p.name not in ("manifest.json", "stage.log")}  # records of the run, not results
 
 
 def _run(video, workdir, *extra, env=None):

@@ -47,7 +47,7 @@ def test_temp_files_of_killed_writes_are_removed_before_the_stage_resumes(photos
         path.write_bytes(b"half a write")
     run_stage(plan, "frames", tmp_path, {"progress": False})
     listed = store.load_manifest(final)["files"]
-    assert sorted(listed) == ["config.json", "frames.json"] + [f"images/{i:06d}.jpg" for i in range(4)]
+    assert sorted(listed) == ["config.json", "frames.json"] + [f"images/{i:06d}.jpg" for i in range(4)] + ["stage.log"]
     assert not [p for p in final.rglob("*") if "tmp" in p.name] and not partial.exists()
 
 

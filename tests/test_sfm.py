@@ -132,10 +132,18 @@ def test_known_cameras_triangulate_points_on_the_object(orbit, tmp_path):
 
     frames = make_frames(tmp_path / "frames", orbit_images(orbit), "dataset",
                          transforms=orbit.gt_dir / "transforms.json")
+    shutil.copytree(orbit.gt_dir / "masks", frames / "masks")  # the dataset's masks
     summary = run_sfm(frames, FAST, tmp_path / "sfm")
     assert summary["known_cameras"] and summary["num_registered"] == ORBIT_VIEWS
     assert summary["num_points3d"] > 500 and summary["mean_reprojection_error_px"] < 1.0
-    assert (tmp_path / "sfm" / "transforms.json").read_bytes() == (frames / "transforms.json").read_bytes()
+    given, saved = (json.loads((d / "transforms.json").read_text()) for d in (frames, tmp_path / "sfm"))
+    assert {k: v for k, v in saved.items() if k in given and k != "frames"} == \
+        {k: v for k, v in given.items() if k != "frames"} and saved["aabb_scale"] >= 1
+    assert [f["transform_matrix"] for f in saved["frames"]] == [f["transform_matrix"] for f in given["frames"]]
+    for frame in saved["frames"]:  # paths relative to the file, the dataset's masks in frames/
+        assert (tmp_path / "sfm" / frame["file_path"]).is_file()
+        assert (tmp_path / "sfm" / frame["mask_path"]).resolve() == \
+            (frames / "masks" / f"{Path(frame['file_path']).stem}.png").resolve()
     assert sorted(p.name for p in (tmp_path / "sfm" / "images").iterdir()) == [p.name for p in orbit_images(orbit)]
     rec = pycolmap.Reconstruction(tmp_path / "sfm" / "sparse")
     gt = load_transforms(frames / "transforms.json")

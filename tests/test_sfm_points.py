@@ -242,7 +242,10 @@ def build_sfm_counts(sfm: Path) -> dict:
 def test_transforms_copy_keeps_frames_and_adds_sphere(masked_run):
     inputs, out, summary = masked_run
     src, got = load_transforms(inputs["sfm"] / "transforms.json"), load_transforms(out / "transforms.json")
-    assert got.names == src.names
+    assert [(out / n).resolve() for n in got.names] == [(inputs["sfm"] / n).resolve() for n in src.names]
+    frames = json.loads((out / "transforms.json").read_text())["frames"]  # paths relative to this folder
+    assert [(out / f["mask_path"]).resolve() for f in frames] == \
+        [(inputs["masks"] / "masks" / f"{Path(n).stem}.png").resolve() for n in src.names]
     np.testing.assert_allclose(got.c2w, src.c2w, atol=1e-12)
     np.testing.assert_allclose(got.extra["sphere_center"], summary["sphere_center"])
     assert got.extra["sphere_radius"] == pytest.approx(summary["sphere_radius"])

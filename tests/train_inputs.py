@@ -8,6 +8,7 @@ see them inside the mask.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.cameras import Cameras, intrinsics, look_at, project, save_transforms
+from pipeline.cameras import Cameras, frame_paths, intrinsics, look_at, project, save_transforms
 
 # The fast_cpu preset's train section as proposed to the lead (configs/fast_cpu.yaml); tests and
 # benchmarks use it only while that file has no train section.
@@ -186,8 +187,9 @@ def build_inputs(root: Path, cams: Cameras, images: list[np.ndarray], masks: lis
     scene = {"sphere_center": list(map(float, center)), "sphere_radius": float(radius),
              "world_to_unit": w2u.tolist(), "unit_to_world": u2w.tolist()}
     (pdir / "scene.json").write_text(json.dumps(scene))
-    save_transforms(pdir / "transforms.json", cams, extra={"sphere_center": list(map(float, center)),
-                                                           "sphere_radius": float(radius)})
+    images, mask_paths = frame_paths(cams, sfm, pdir, mdir / "masks")  # as sfm_points names them
+    save_transforms(pdir / "transforms.json", dataclasses.replace(cams, names=images), mask_paths=mask_paths,
+                    extra={"sphere_center": list(map(float, center)), "sphere_radius": float(radius)})
     np.save(pdir / "points.npy", points.astype(np.float32))
     offsets, indices = [0], []
     for i in range(len(cams)):

@@ -23,10 +23,13 @@ from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
 from stages.cleanup.topology import components, make_manifold, topology, weld
 
-VERSION = "2"  # 2: topology measured, and the mesh repaired, after welding coincident vertices
-PUBLISH = ("mesh.ply", "mesh.obj", "mesh.glb")
+VERSION = "3"  # 2: topology measured after welding; 3: texture mesh_texture.png, white material
+TEXTURE = "mesh_texture"  # the OBJ's material: mesh.mtl names mesh_texture.png
+# Copied to the scene folder: the OBJ with the files it references, under the names it uses
+PUBLISH = ("mesh.ply", "mesh.obj", "mesh.mtl", f"{TEXTURE}.png", "mesh.glb")
 MIN_SEEN_SHARE = 0.2  # after culling, a piece with fewer faces seen by enough views is dropped
 GREY = 180  # colour of vertices no view sees and the raw mesh has no colour for
+WHITE = (255, 255, 255, 255)
 
 
 def load_raw(mesh_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -248,7 +251,8 @@ def cull_by_masks(vertices, faces, views, cfg, ctx):
 
 def write_outputs(out_dir: Path, vertices, faces, colours, texture=None) -> list[str]:
     """``mesh.ply`` (vertex colours), ``mesh.obj`` and ``mesh.glb`` (textured when ``texture`` =
-    (vmapping, faces, uvs, image) is given, else vertex colours)."""
+    (vmapping, faces, uvs, image) is given, else vertex colours; a textured OBJ comes with
+    ``mesh.mtl`` and ``mesh_texture.png``)."""
     import trimesh
     from PIL import Image
     from trimesh.exchange.obj import export_obj
@@ -258,7 +262,10 @@ def write_outputs(out_dir: Path, vertices, faces, colours, texture=None) -> list
     shown = coloured
     if texture is not None:
         vmapping, tex_faces, uvs, image = texture
-        material = trimesh.visual.material.SimpleMaterial(image=Image.fromarray(image))
+        # white diffuse, no specular: viewers multiply the texture by Kd (OBJ) / baseColorFactor
+        # (glTF), which trimesh's default grey of 0.4 darkened 2.5 times
+        material = trimesh.visual.material.SimpleMaterial(image=Image.fromarray(image), name=TEXTURE,
+                                                          diffuse=WHITE, ambient=WHITE, specular=(0, 0, 0, 255))
         shown = trimesh.Trimesh(vertices[vmapping], tex_faces, process=False,
                                 visual=trimesh.visual.TextureVisuals(uv=uvs, material=material))
     text, files = export_obj(shown, return_texture=True, mtl_name="mesh.mtl")

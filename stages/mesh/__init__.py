@@ -24,7 +24,7 @@ from pipeline.devices import require_visible_gpus
 from pipeline.errors import ConfigError, InputError, StageError
 from pipeline.fsutil import atomic_file, atomic_write_json, read_json
 
-VERSION = "1"
+VERSION = "2"  # 2: mesh_raw.ply written by trimesh (adds an alpha of 255 to the vertex colours)
 
 
 @dataclass
@@ -89,23 +89,15 @@ def query_colours(colour_fn: Callable, vertices: np.ndarray, device: str, chunk:
 
 
 def write_ply(path: Path, vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray | None = None) -> None:
-    """Binary little-endian PLY (float32 xyz, optional uchar rgb, int32 faces), written atomically."""
-    vdt = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
-    if colours is not None:
-        vdt += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
-    v = np.empty(len(vertices), dtype=vdt)
-    v["x"], v["y"], v["z"] = vertices[:, 0], vertices[:, 1], vertices[:, 2]
-    if colours is not None:
-        v["red"], v["green"], v["blue"] = colours[:, 0], colours[:, 1], colours[:, 2]
-    f = np.empty(len(faces), dtype=[("n", "u1"), ("v", "<i4", (3,))])
-    f["n"], f["v"] = 3, faces
-    props = "".join(f"property {'float' if t == '<f4' else 'uchar'} {n}\n" for n, t in vdt)
-    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(v)}\n{props}"
-              f"element face {len(f)}\nproperty list uchar int vertex_indices\nend_header\n")
+    """Binary little-endian PLY by trimesh's exporter (float32 xyz, uchar rgba when ``colours`` are
+    given, int32 faces), written atomically (0644)."""
+    import trimesh
+    from trimesh.exchange.ply import export_ply
+
+    mesh = trimesh.Trimesh(vertices, faces, vertex_colors=colours, process=False)
+    data = export_ply(mesh, encoding="binary", vertex_normal=False)
     with atomic_file(path) as fh:
-        fh.write(header.encode("ascii"))
-        fh.write(v.tobytes())
-        fh.write(f.tobytes())
+        fh.write(data)
 
 
 def transform_points(m: np.ndarray, points: np.ndarray) -> np.ndarray:

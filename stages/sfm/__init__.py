@@ -4,7 +4,8 @@ SIFT extraction (one shared camera), matching (sequential with loop closure for 
 exhaustive for photo sets), incremental or global mapping, a final bundle adjustment that
 may refine the principal point, and undistortion to PINHOLE. Outputs: ``sparse/`` (the
 undistorted largest model), ``images/`` (undistorted, names as in frames/images),
-``transforms.json`` and ``sfm.json``. When frames/ carries ``transforms.json`` (a dataset
+``transforms.json`` (paths relative to it; ``mask_path`` for masks a dataset brought;
+``aabb_scale``) and ``sfm.json``. When frames/ carries ``transforms.json`` (a dataset
 importer brought cameras), no mapping runs: points are triangulated with the given poses
 (``stages.sfm.known``). Too few registered frames end the stage with a ``StageError``.
 """
@@ -16,10 +17,11 @@ from typing import Any
 
 from pipeline.dag import Context
 from pipeline.errors import StageError
-from stages.sfm.steps import (MIN_FRAMES, WORK, check_features, check_registration, map_with_fallback, match_all,
-                              prepare_work, publish_undistorted, read_frames, resolve_matcher, timed, write_outputs)
+from stages.sfm.steps import (MIN_FRAMES, WORK, check_features, check_registration, dataset_masks, map_with_fallback,
+                              match_all, prepare_work, publish_undistorted, read_frames, resolve_matcher, timed,
+                              write_outputs)
 
-VERSION = "2"
+VERSION = "3"  # 3: transforms.json has aabb_scale (and mask_path for a dataset's masks)
 
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
@@ -67,7 +69,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
         "device": str(sc.colmap_device(ctx)).split(".")[-1],
         "features_median": int(sorted(counts.values())[len(counts) // 2]) if counts else 0,
         "threads": sc.cores(ctx),
-    })
+    }, mask_dir=dataset_masks(frames_dir))
     shutil.rmtree(work, ignore_errors=True)
     return summary
 

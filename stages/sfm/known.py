@@ -2,22 +2,25 @@
 
 No mapping: SIFT features are extracted and matched, then points are triangulated with the
 given poses and PINHOLE intrinsics held fixed (``pycolmap.triangulate_points``), so every input
-gets SfM points. Images are already undistorted and are copied; ``transforms.json`` is the
-given file, byte for byte (same frame order).
+gets SfM points. Images are already undistorted and are copied; ``transforms.json`` holds the
+given cameras and keys (same frame order) with ``aabb_scale`` and, for the dataset's masks,
+``mask_path`` (relative to the file's folder, like ``file_path``).
 """
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cameras import Cameras, load_transforms
+from pipeline.cameras import Cameras, frame_paths, load_transforms, save_transforms
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 from pipeline.log import progress
+from stages.sfm.steps import dataset_masks
 
 
 def run_known(frames_dir: Path, source_kind: str, cfg: Any, out_dir: Path, ctx: Context) -> dict:
@@ -119,4 +122,9 @@ def publish(rec: Any, frames_dir: Path, names: list[str], out_dir: Path, ctx: Co
     images.mkdir(exist_ok=True)
     for name in progress(names, ctx.progress, desc="copy images", unit="img"):
         shutil.copyfile(frames_dir / "images" / name, images / name)
-    shutil.copyfile(frames_dir / "transforms.json", out_dir / "transforms.json")
+    given = frames_dir / "transforms.json"
+    cams = load_transforms(given)
+    cams = replace(cams, names=[Path(n).name for n in cams.names])
+    keys = {k: v for k, v in json.loads(given.read_text()).items() if k != "frames"}
+    images, masks = frame_paths(cams, out_dir / "images", out_dir, dataset_masks(frames_dir))
+    save_transforms(out_dir / "transforms.json", replace(cams, names=images), extra=keys, mask_paths=masks)

@@ -71,6 +71,11 @@ def read_frames(frames_dir: Path) -> tuple[list[str], str]:
     return names, str(meta.get("source_kind", "images"))
 
 
+def dataset_masks(frames_dir: Path) -> Path | None:
+    """The masks a dataset import brought (``frames/masks/``), or None."""
+    return frames_dir / "masks" if (frames_dir / "masks").is_dir() else None
+
+
 def resolve_matcher(matcher: str, source_kind: str) -> str:
     if matcher == "auto":
         return "sequential" if source_kind == "video" else "exhaustive"
@@ -144,16 +149,18 @@ def publish_undistorted(undist: Path, out_dir: Path) -> None:
         shutil.move(str(undist / sub), str(target))
 
 
-def write_outputs(out_dir: Path, names: list[str], rec_distorted: Any, timings: dict, extra: dict) -> dict:
-    """transforms.json from the undistorted model in ``out_dir/sparse`` and sfm.json; return the summary."""
+def write_outputs(out_dir: Path, names: list[str], rec_distorted: Any, timings: dict, extra: dict,
+                  mask_dir: Path | None = None) -> dict:
+    """transforms.json from the undistorted model in ``out_dir/sparse`` (``mask_path`` for the
+    masks in ``mask_dir`` that a dataset brought) and sfm.json; return the summary."""
     import pycolmap
 
-    from pipeline.cameras import save_transforms
+    from pipeline.cameras import frame_paths, save_transforms
     import stages.sfm.colmap as sc
 
     rec = pycolmap.Reconstruction(out_dir / "sparse")
     cams = sc.reconstruction_cameras(rec, names)
-    save_transforms(out_dir / "transforms.json", cams)
+    save_transforms(out_dir / "transforms.json", cams, mask_paths=frame_paths(cams, out_dir, out_dir, mask_dir)[1])
     stats = sc.model_stats(rec_distorted)
     registered = {Path(n).name for n in cams.names}
     summary = {

@@ -3,26 +3,27 @@
 Inputs: sfm/ (``transforms.json``, ``sparse/`` COLMAP model) and masks/ (``masks/<stem>.png``;
 no such folder when masks are off). Outputs: ``scene.json`` (sphere + similarities to and from
 the unit sphere), ``transforms.json`` (sfm's cameras + ``sphere_center``, ``sphere_radius``,
-``aabb_range``), ``points.npy`` (M, 3) float32 world, ``view_offsets.npy`` / ``view_indices.npy``
-(int64 CSR over the views in transforms.json order: view v sees
-``points[view_indices[view_offsets[v]:view_offsets[v + 1]]]``) and ``sfm_points.json`` (counts
-before and after each filter). A point is listed for a view only when the view observes it in
+``aabb_range``, ``aabb_scale``; ``file_path`` / ``mask_path`` name the sfm images and the masks
+relative to this folder, so nerfstudio or instant-ngp can read it here), ``points.npy`` (M, 3)
+float32 world, ``view_offsets.npy`` / ``view_indices.npy`` (int64 CSR over the views in
+transforms.json order: view v sees ``points[view_indices[view_offsets[v]:view_offsets[v + 1]]]``)
+and ``sfm_points.json`` (counts before and after each filter). A point is listed for a view only when the view observes it in
 the COLMAP model and its projection lies inside that view's image and mask.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cameras import Cameras, load_transforms, project, save_transforms
+from pipeline.cameras import Cameras, frame_paths, load_transforms, project, save_transforms
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 
-VERSION = "2"
+VERSION = "3"  # 3: transforms.json's paths relative to its folder, mask_path, aabb_scale
 CACHE_MASK_BYTES = 512 << 20  # keep decoded masks in memory when they fit in this
 
 
@@ -177,7 +178,8 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     keep &= np.bincount(pts.obs_point[obs_ok], minlength=len(keep)) > 0
     counts["points_after_sphere"] = int(keep.sum())
     counts["observations_after_sphere"] = int(obs_ok.sum())
-    summary = _write_outputs(out_dir, cams, pts, keep, obs_ok, sphere, cfg)
+    cams_here = _relocated(cams, sfm_dir, out_dir, mask_dir if mask_at is not None else None)
+    summary = _write_outputs(out_dir, cams_here, pts, keep, obs_ok, sphere, cfg)
     summary.update(counts=counts, masks=mask_at is not None, bounds=_jsonable(sphere.info))
     (out_dir / "sfm_points.json").write_text(json.dumps(summary, indent=1) + "\n")
     ctx.log.info("sfm_points: sphere r=%.4g at %s (%s); %d of %d points kept", sphere.radius,
@@ -193,16 +195,25 @@ def _read_points(model_dir: Path, cams: Cameras, ctx: Context) -> SfmPoints:
     return read_sfm_points(model_dir, cams.names)
 
 
-def _write_outputs(out_dir: Path, cams: Cameras, pts: SfmPoints, keep: np.ndarray, obs_ok: np.ndarray,
-                   sphere, cfg: Any) -> dict:
-    """Write scene.json, transforms.json, points.npy and the CSR pair; return the summary."""
+def _relocated(cams: Cameras, sfm_dir: Path, out_dir: Path, mask_dir: Path | None) -> tuple[Cameras, list]:
+    """``cams`` named for a transforms.json in ``out_dir``: the sfm images (and the masks)
+    relative to it, e.g. ``../sfm-<key>/images/000000.jpg`` beside a sibling stage folder."""
+    images, masks = frame_paths(cams, sfm_dir, out_dir, mask_dir)
+    return replace(cams, names=images), masks
+
+
+def _write_outputs(out_dir: Path, relocated: tuple[Cameras, list], pts: SfmPoints, keep: np.ndarray,
+                   obs_ok: np.ndarray, sphere, cfg: Any) -> dict:
+    """Write scene.json, transforms.json (``relocated``: cameras named relative to ``out_dir``
+    and their mask paths), points.npy and the CSR pair; return the summary."""
+    cams, masks = relocated
     center, radius = np.asarray(sphere.center, np.float64), float(sphere.radius)
     world_to_unit, unit_to_world = similarities(center, radius)
     scene = {"sphere_center": center.tolist(), "sphere_radius": radius,
              "world_to_unit": world_to_unit.tolist(), "unit_to_world": unit_to_world.tolist()}
     (out_dir / "scene.json").write_text(json.dumps(scene, indent=1) + "\n")
     aabb = np.stack([center - radius, center + radius], 1).tolist()
-    save_transforms(out_dir / "transforms.json", cams,
+    save_transforms(out_dir / "transforms.json", cams, mask_paths=masks,
                     extra={"sphere_center": center.tolist(), "sphere_radius": radius, "aabb_range": aabb})
     new_index = np.cumsum(keep) - 1
     points = pts.xyz[keep].astype(np.float32)

@@ -2,12 +2,14 @@
 
 sfm/: ``images/<name>`` (undistorted); masks/: ``masks/<stem>.png`` + ``masks.json`` (method
 "none" = no masks); sfm_points/: ``scene.json`` (world_to_unit similarity), ``transforms.json``
-(cameras, frame order = CSR order), ``points.npy`` and the CSR ``view_offsets/view_indices``.
+(cameras, frame order = CSR order, images named relative to sfm_points/), ``points.npy`` and the
+CSR ``view_offsets/view_indices``.
 Cameras become unit-sphere camera-to-world matrices (OpenCV axes, orthonormal rotation).
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,12 +103,19 @@ def load_masks(masks_dir: Path | None, names: list[str], shape: tuple[int, int],
     return out
 
 
+def frame_names(json_dir: Path, file_paths: list[str], sfm: Path) -> list[str]:
+    """The images a transforms.json in ``json_dir`` names (relative to that folder), as names
+    inside the sfm folder (``images/<name>``)."""
+    return [Path(os.path.relpath(os.path.normpath(json_dir / p), sfm)).as_posix() for p in file_paths]
+
+
 def load_scene(inputs: dict[str, Path], log) -> SceneData:
     sfm, pts_dir = Path(inputs["sfm"]), Path(inputs["sfm_points"])
     scene = json.loads(_need(pts_dir / "scene.json").read_text())
     w2u = np.asarray(scene["world_to_unit"], dtype=np.float64)
     u2w = np.asarray(scene["unit_to_world"], dtype=np.float64)
     cams = load_transforms(_need(pts_dir / "transforms.json"))
+    cams.names = frame_names(pts_dir, cams.names, sfm)
     shape = (cams.height, cams.width)
     images = np.stack([_read_image(_need(sfm / name), shape) for name in cams.names])
     masks = load_masks(Path(inputs["masks"]) if inputs.get("masks") else None, cams.names, shape, log)

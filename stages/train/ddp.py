@@ -249,7 +249,7 @@ def worker(job_path: Path) -> int:
 
     from pipeline.config import section_from_dict
     from pipeline.dag import Context
-    from pipeline.log import setup_logging
+    from pipeline.log import STAGE_LOG, log_to_file, setup_logging
     from stages.train.stage import run_stage
 
     job = json.loads(Path(job_path).read_text())
@@ -258,6 +258,7 @@ def worker(job_path: Path) -> int:
     log = setup_logging(job.get("debug", False))
     if rank:
         log.setLevel(logging.WARNING)
+    log_to_file(log, out_dir / STAGE_LOG)  # beside the stage process's lines (rank 0's, others' warnings)
     try:
         device = torch.device("cuda", local) if job["device"] == "cuda" else torch.device("cpu")
         if device.type == "cuda":

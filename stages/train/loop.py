@@ -414,7 +414,9 @@ def _writer(tb_dir: Path, log):
     return SummaryWriter(log_dir=str(tb_dir))
 
 
-def _record(run: Run, step: int, metrics: dict, writer) -> None:
+def _record(run: Run, step: int, metrics: dict, writer, log=None, rate: float = 0.0) -> None:
+    """Every ``log_every`` steps (and the last): the loss curve, TensorBoard scalars and, given
+    ``log`` (no progress bar), one log line."""
     if step % max(1, run.cfg.log_every) and step != run.cfg.iterations:
         return
     if run.comm is not None:
@@ -424,6 +426,9 @@ def _record(run: Run, step: int, metrics: dict, writer) -> None:
     if writer is not None:
         for key, value in metrics.items():
             writer.add_scalar(f"train/{key}", value, step)
+    if log is not None:
+        log.info("train: step %d/%d, loss %.4f, PSNR %.2f, %.1f steps/s", step, run.cfg.iterations,
+                 metrics["loss"], metrics["psnr"], rate)
 
 
 def _launch_once(run: Run, step: int, hook, log) -> Launched:
@@ -464,7 +469,7 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
     bar = None
     if show_progress:
         bar = progress_bar(total=cfg.iterations, initial=run.progress.step, desc="train")
-    t0, base = time.perf_counter(), run.progress.elapsed
+    t0, base, initial = time.perf_counter(), run.progress.elapsed, run.progress.step
     # the step before the one being launched: read one step late, so the host never waits for the GPU
     pending: Launched | None = None
     try:
@@ -478,15 +483,16 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
             step, metrics = pending.step, resolve(pending)
             if metrics is None:  # also drops ``nxt``: the reload undoes both
                 recover(run, ckpt_dir, step, log)
-                pending, t0, base = None, time.perf_counter(), run.progress.elapsed
+                pending, t0, base, initial = None, time.perf_counter(), run.progress.elapsed, run.progress.step
                 continue
             pending = nxt
             run.progress.step = step + 1
             run.progress.elapsed = base + time.perf_counter() - t0
-            _record(run, step + 1, metrics, writer)
+            rate = (step + 1 - initial) / max(run.progress.elapsed - base, 1e-9)
+            _record(run, step + 1, metrics, writer, log if bar is None and run.main else None, rate)
             if bar is not None:  # the postfix is drawn with the next redraw, not one line a step
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['psnr']:.2f}", refresh=False,
-                                it_s=f"{(step + 1 - bar.initial) / max(run.progress.elapsed - base, 1e-9):.1f}")
+                                it_s=f"{rate:.1f}")
                 bar.update(1)
             stopping = should_stop()
             if nxt is None and _ends_a_stretch(cfg, step + 1, stopping):
