@@ -288,3 +288,41 @@ def test_textured_obj_welds_to_the_cleaned_mesh(scene, tmp_path):
     _assert_report_measured_on(info, obj)
     ply = trimesh.load(out / "mesh.ply", process=True, force="mesh")
     assert np.allclose(np.sort(obj.vertices, axis=0), np.sort(ply.vertices, axis=0), atol=1e-7)
+
+
+@pytest.mark.parametrize("axis,views", [("z", slice(None)), ("y", slice(0, 7))])  # a whole orbit, a 90 deg arc
+def test_up_axis_exports_the_ground_horizontal(scene, tmp_path, axis, views):
+    """The synthetic world is z up with the ground at z = 0. Moved into a random SfM frame (a
+    similarity), the cameras still tell up: the exported mesh stands on height 0 with ``axis`` up."""
+    from pipeline.cameras import load_transforms, save_transforms
+    from stages.evaluate.scene import in_world
+
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    S = np.eye(4)
+    S[:3, :3], S[:3, 3] = 0.7 * q * np.sign(np.linalg.det(q)), [0.4, -1.2, 2.0]
+    cams = load_transforms(scene / "transforms.json")
+    cams = cams.subset(np.arange(len(cams))[views])
+    cams.c2w = S @ cams.c2w
+    cams.c2w[:, :3, :3] /= 0.7
+    sfm = tmp_path / "sfm"
+    sfm.mkdir()
+    save_transforms(sfm / "transforms.json", cams)
+    gt = trimesh.load(scene / "gt_mesh.ply", process=False)
+    moved = gt.copy().apply_transform(S)
+    out, report = _run(tmp_path, moved, sfm, masks=False, cull=False, colour=False, up_axis=axis)
+    exported = trimesh.load(out / "mesh.ply", process=False).vertices
+    up = np.eye(3)["xyz".index(axis)]
+    M = np.asarray(report["upright"]["export_from_world"]) @ S  # GT world -> exported
+    assert np.degrees(np.arccos(np.clip(M[:3, :3] @ [0, 0, 1] / 0.7 @ up, -1, 1))) < 0.01
+    height = exported @ up
+    assert height.min() == pytest.approx(0, abs=1e-9)
+    ground = gt.vertices[:, 2] < 1e-3  # the GT mesh rests on z = 0: all of that is at height 0 now
+    assert ground.any() and np.abs(trimesh.transform_points(gt.vertices[ground], M) @ up).max() < 1e-3
+    footprint = exported - np.outer(height, up)
+    assert np.allclose(0.5 * (footprint.min(0) + footprint.max(0)), 0, atol=1e-9)
+    back = in_world(exported, out)  # what evaluate compares with the cameras
+    assert cKDTree(moved.vertices).query(back)[0].max() < 1e-6
+    for name in ("mesh.obj", "mesh.glb"):  # every exported file is turned alike
+        bounds = trimesh.load(out / name, force="mesh", process=False).bounds
+        assert np.allclose(bounds, [exported.min(0), exported.max(0)], atol=1e-6)

@@ -153,3 +153,20 @@ def test_manifests_record_the_versions_of_the_stage_process(run):
         assert wanted <= set(versions), (stage, sorted(wanted - set(versions)))
         assert versions["meshpipe"] == project and not (folder / store.VERSIONS).exists()
     assert "torch_cuda" in store.load_manifest(run["dirs"]["train"])["versions"]  # torch was loaded there
+
+
+def test_publish_drops_a_stale_texture_copy(tmp_path):
+    """A rerun without a texture: the scene folder must not keep the last run's mtl and png."""
+    from tasks.build import publish
+
+    key = "0" * store.KEY_LEN
+    folder = store.stage_dir(tmp_path, "s", "cleanup", key)
+    folder.mkdir(parents=True)
+    for name in ("mesh.ply", "mesh.obj", "mesh.glb"):
+        (folder / name).write_text(name)
+    store.write_manifest(folder, "cleanup", key, {}, {}, 0.0)
+    scene = store.scene_dir(tmp_path, "s")
+    for name in ("mesh.mtl", "mesh_texture.png"):
+        (scene / name).write_text("from an earlier run")
+    assert publish(tmp_path, {"scene": "s", "keys": {"cleanup": key}}) == ["mesh.ply", "mesh.obj", "mesh.glb"]
+    assert sorted(p.name for p in scene.iterdir()) == ["cleanup-" + key, "mesh.glb", "mesh.obj", "mesh.ply"]

@@ -8,7 +8,9 @@ most views that see them, then small components again; faces at non-manifold edg
 vertices removed; holes up to ``max_hole_edges`` closed; faces oriented coherently and each
 closed component outward (signed volume); optional quadric decimation and Taubin smoothing,
 then a weld again; vertex colours from the images (``stages.cleanup.colour``), falling back to the
-raw mesh colours. ``cleanup.json``'s topology is that of the welded mesh.
+raw mesh colours. ``cleanup.json``'s topology is that of the welded mesh. With ``up_axis`` the
+files are written turned upright (``stages.cleanup.upright``; ``cleanup.json`` ``upright`` holds
+``world_from_export``, which takes them back to the cameras' frame).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
 from stages.cleanup.topology import components, make_manifold, topology, weld
 
-VERSION = "3"  # 2: topology measured after welding; 3: texture mesh_texture.png, white material
+VERSION = "3"  # 2: topology measured after welding; 3: texture mesh_texture.png, white material, up_axis
 TEXTURE = "mesh_texture"  # the OBJ's material: mesh.mtl names mesh_texture.png
 # Copied to the scene folder: the OBJ with the files it references, under the names it uses
 PUBLISH = ("mesh.ply", "mesh.obj", "mesh.mtl", f"{TEXTURE}.png", "mesh.glb")
@@ -333,9 +335,15 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
                   faces_before_decimation=faces_before, vertices_welded_after_decimation=welded_late)
     colours, seen_share = _colours(v, f, views, raw_v, raw_colours, cfg, ctx)
     texture = _texture(v, f, views, colours, cfg, ctx) if cfg.texture else None
-    files = write_outputs(out_dir, v, f, colours, texture)
+    exported, up = v, None
+    if cfg.up_axis != "none":
+        from stages.cleanup.upright import upright
+
+        exported, up = upright(v, views.cams, cfg.up_axis)
+        ctx.log.info("cleanup: exported with +%s up (%s)", cfg.up_axis, up["method"])
+    files = write_outputs(out_dir, exported, f, colours, texture)
     report.update(topology(v, f), vertices=len(v), faces=len(f), vertices_seen_share=round(seen_share, 4),
-                  textured=texture is not None, files=files, seconds=round(time.perf_counter() - t0, 3))
+                  textured=texture is not None, files=files, upright=up, seconds=round(time.perf_counter() - t0, 3))
     atomic_write_json(out_dir / "cleanup.json", report)
     ctx.log.info("cleanup: %d faces, %d components removed, %d culled, %d holes closed, watertight=%s, manifold=%s",
                  len(f), removed, report["faces_culled"], report["holes_closed"], report["watertight"],

@@ -54,8 +54,20 @@ def load_mesh(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64), colors
 
 
+def in_world(vertices: np.ndarray, cleanup_dir: Path) -> np.ndarray:
+    """Cleanup's vertices in the SfM world: undoes the ``cleanup.up_axis`` turn (cleanup.json
+    ``upright.world_from_export``) when the mesh was exported upright."""
+    path = Path(cleanup_dir) / "cleanup.json"
+    upright = read_json(path).get("upright") if path.is_file() else None
+    if not upright:
+        return vertices
+    m = np.asarray(upright["world_from_export"], np.float64)
+    return vertices @ m[:3, :3].T + m[:3, 3]
+
+
 def load_scene(inputs: dict[str, Path]) -> EvalScene:
     vertices, faces, colors = load_mesh(inputs["cleanup"] / "mesh.ply")
+    vertices = in_world(vertices, inputs["cleanup"])
     cams = load_transforms(inputs["sfm"] / "transforms.json")
     frames_meta = read_json(inputs["frames"] / "frames.json")
     gt_dir = inputs["frames"] / frames_meta["gt"] if frames_meta.get("gt") else None
