@@ -125,6 +125,40 @@ def look_at_point(cams: Cameras, uv: np.ndarray | None = None) -> np.ndarray:
     return point
 
 
+def framed_radius(cams: Cameras, target: np.ndarray) -> float:
+    """Radius of the ball around ``target`` that the median view just frames (distance x sin of
+    the half diagonal field of view): the scale an orbit's cameras give, with no SfM point."""
+    dist_cam = np.linalg.norm(cams.centers - target, axis=1)
+    half_diag = np.hypot(0.5 * cams.width / cams.K[:, 0, 0], 0.5 * cams.height / cams.K[:, 1, 1])
+    return float(np.median(dist_cam * np.sin(np.arctan(half_diag))))
+
+
+def supporting_plane(pts: np.ndarray, cams: Cameras, thresh: float, rng: np.random.Generator | None = None):
+    """RANSAC plane (n, d) of the points (inliers within ``thresh``) with n.x + d > 0 on the cameras'
+    side, or None when it holds under 15 % of the points or cameras lie on both sides (not the ground)."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    if len(pts) < 50:
+        return None
+    sample = pts[rng.choice(len(pts), min(len(pts), 4000), replace=False)]
+    best, best_n = None, 0
+    for _ in range(300):
+        a, b, c = sample[rng.choice(len(sample), 3, replace=False)]
+        n = np.cross(b - a, c - a)
+        if np.linalg.norm(n) < 1e-12:
+            continue
+        n /= np.linalg.norm(n)
+        count = int((np.abs(sample @ n - n @ a) < thresh).sum())
+        if count > best_n:
+            best, best_n = (n, -float(n @ a)), count
+    if best is None or best_n < 0.15 * len(sample):
+        return None
+    n, d = best
+    side = cams.centers @ n + d
+    if (side > 0).mean() < 0.5:
+        n, d, side = -n, -d, -side
+    return (n, d) if (side > 0).mean() >= 0.9 else None
+
+
 def _check_finite(arr: np.ndarray, what: str, path: Path) -> None:
     if not np.all(np.isfinite(arr)):
         raise InputError(f"{path}: {what} contains NaN or infinite values")

@@ -176,10 +176,14 @@ def test_method_none_writes_only_masks_json(tmp_path):
 def test_post_processing():
     m = np.zeros((40, 40), bool)
     m[5:25, 5:25] = True
-    m[10:15, 10:15] = False  # a hole
+    m[10:14, 10:14] = False  # a small hole (4 % of the mask): a speckle, filled
     m[30:33, 30:33] = True  # a speck
     out = masks_post.clean_mask(m, keep_components=1, fill=True, dilate_px=0)
     assert out[12, 12] and not out[31, 31] and out.sum() == 400
+    ring = np.zeros((40, 40), bool)
+    ring[5:35, 5:35] = True
+    ring[12:28, 12:28] = False  # the hole of a ring (40 % of the mask) stays open
+    assert masks_post.clean_mask(ring, 1, True, 0).sum() == ring.sum()
     assert masks_post.clean_mask(m, 2, False, 0)[31, 31]
     assert masks_post.clean_mask(m, 1, True, 2).sum() > 400 + 4 * 20
 

@@ -25,9 +25,10 @@ from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
 from pipeline.images import IMAGE_SUFFIXES
 from pipeline.log import progress
+import stages.masks.freespace as freespace
 import stages.masks.post as post
 
-VERSION = "2"
+VERSION = "3"
 WORK_DIR = "_grabcut_work"
 REJECTED_DIR = "rejected_masks"  # computed masks that failed the plausibility check, kept to look at
 MAX_FLAGGED_SHARE = 0.3  # computed masks are rejected when more frames than this disagree with the rest
@@ -222,15 +223,29 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
         import stages.masks.grabcut as masks_grabcut
 
         obj = span = np.zeros((0, 3))
+        seed_hull, info = None, {}
         if todo and cams is not None:
-            obj, span = masks_grabcut.select_object_points(masks_grabcut.load_points(sfm_dir, cams, ctx.log), cams,
-                                                           log=ctx.log)
+            points = masks_grabcut.load_points(sfm_dir, cams, ctx.log)
+            if cfg.seed in ("auto", "freespace"):
+                seed_hull, info["freespace"] = freespace.object_hull(lambda i: load_rgb(paths[i]), cams, points,
+                                                                     ctx.log, ctx.threads or os.cpu_count() or 1)
+                if seed_hull is None and cfg.seed == "freespace":
+                    raise StageError(f"masks: no free-space hull ({info['freespace']['reason']}); "
+                                     "try --set masks.seed=points")
+                if seed_hull is None:
+                    ctx.log.warning("masks: no free-space hull (%s); seeding GrabCut from the SfM points",
+                                    info["freespace"]["reason"])
+            if seed_hull is not None:
+                obj = span = points[seed_hull.contains(points)] if len(points) else points
+            else:
+                obj, span = masks_grabcut.select_object_points(points, cams, log=ctx.log)
         work = out_dir / WORK_DIR
-        info = {"seed_points": int(len(obj)), "rounds": int(cfg.grabcut_rounds), "repaired": 0}
+        info.update(seed="freespace" if seed_hull is not None else "points", seed_points=int(len(obj)),
+                    rounds=int(cfg.grabcut_rounds), repaired=0)
         if todo:
             info.update(masks_grabcut.compute(stems, lambda i: load_rgb(paths[i]), shapes, cams, obj, cfg, work,
                                               final, finish, ctx.log, bar, ctx.threads or os.cpu_count() or 1,
-                                              hull_pts=span))
+                                              hull_pts=span, seed_hull=seed_hull))
         shutil.rmtree(work, ignore_errors=True)
         return info
     raise StageError(f"masks: unknown method {method!r}")

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.cameras import Cameras, project
+from pipeline.cameras import Cameras, project, supporting_plane
 import stages.masks.post as post
 
 GC_BGD, GC_FGD, GC_PR_BGD, GC_PR_FGD = 0, 1, 2, 3
@@ -30,6 +30,7 @@ MIN_WORK_SIDE = 320  # small object regions are upsampled (up to MAX_UPSCALE) fo
 MAX_UPSCALE = 4.0
 SEED_FG_GROW = 0.08  # pass 0: the seed hull grown by this share of its size is probable foreground,
 SEED_RING_GROW = 0.35  # ... by this share probable background, the rest sure background
+HULL_FG_GROW = 0.03  # pass 0 from the free-space hull: its silhouette grown by this share is probable foreground
 REPAIR_FRAC = 0.01  # a mask with more than this share outside the consensus silhouette is redone
 STATS_LOCK = threading.Lock()
 CONSENSUS_TOL = 0.1  # consensus hull: a voxel survives when at most this share of the views miss it
@@ -83,30 +84,6 @@ def load_points(sfm_dir: Path, cams: Cameras, log: logging.Logger) -> np.ndarray
     return pts
 
 
-def _dominant_plane(pts: np.ndarray, cams: Cameras, rng: np.random.Generator, thresh: float):
-    """RANSAC plane (n, d) with n.x + d > 0 on the cameras' side, or None if it is not the ground."""
-    if len(pts) < 50:
-        return None
-    sample = pts[rng.choice(len(pts), min(len(pts), 4000), replace=False)]
-    best, best_n = None, 0
-    for _ in range(300):
-        a, b, c = sample[rng.choice(len(sample), 3, replace=False)]
-        n = np.cross(b - a, c - a)
-        if np.linalg.norm(n) < 1e-12:
-            continue
-        n /= np.linalg.norm(n)
-        count = int((np.abs(sample @ n - n @ a) < thresh).sum())
-        if count > best_n:
-            best, best_n = (n, -float(n @ a)), count
-    if best is None or best_n < 0.15 * len(sample):
-        return None
-    n, d = best
-    side = cams.centers @ n + d
-    if (side > 0).mean() < 0.5:
-        n, d, side = -n, -d, -side
-    return (n, d) if (side > 0).mean() >= 0.9 else None
-
-
 def select_object_points(pts: np.ndarray, cams: Cameras, central: float = 0.5, min_frac: float = 0.8,
                          log: logging.Logger | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Points near the image centre in most views, off the supporting plane, outliers removed;
@@ -128,7 +105,7 @@ def select_object_points(pts: np.ndarray, cams: Cameras, central: float = 0.5, m
         sel = frac >= min(np.quantile(frac, 0.9), min_frac)
     obj = pts[sel]
     scale = float(np.median(np.linalg.norm(cams.centers - np.median(obj, 0), axis=1))) if len(obj) else 1.0
-    plane = _dominant_plane(pts, cams, np.random.default_rng(0), 0.01 * scale)
+    plane = supporting_plane(pts, cams, 0.01 * scale)
     if plane is not None:
         n, d = plane
         above = obj @ n + d > 0.015 * scale
@@ -261,10 +238,29 @@ def rect_trimap(shape: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------- passes
 
 
+def hull_trimap(sil: np.ndarray, obj_pts: np.ndarray, cams: Cameras, i: int) -> np.ndarray | None:
+    """Pass-0 trimap from the silhouette of the free-space hull (a little fatter than the object):
+    the silhouette grown by HULL_FG_GROW of its size is probable foreground, a ring around it
+    probable background, the rest background; pixels under object points are sure foreground."""
+    if sil.sum() < 16:
+        return None
+    size = float(np.sqrt(sil.sum()))
+    tri = np.full(sil.shape, GC_BGD, np.uint8)
+    tri[post.dilate(sil, int(round(SEED_RING_GROW * size)) + 2)] = GC_PR_BGD
+    tri[post.dilate(sil, int(round(HULL_FG_GROW * size)) + 1)] = GC_PR_FGD
+    _mark_points(tri, _project(obj_pts, cams, i))
+    return _border_background(tri)
+
+
 def _seed_mask(i: int, load_image, shape, cams: Cameras | None, obj_pts: np.ndarray, cfg,
-               hull_pts: np.ndarray | None = None) -> np.ndarray:
-    """Pass 0: GrabCut seeded from the projected object points (a centred box without them)."""
-    tri = seed_trimap(obj_pts, cams, i, shape, hull_pts) if cams is not None and len(obj_pts) >= 3 else None
+               hull_pts: np.ndarray | None = None, seed_hull: post.Hull | None = None) -> np.ndarray:
+    """Pass 0: GrabCut seeded from the free-space hull's silhouette, else from the projected
+    object points (a centred box without either)."""
+    tri = None
+    if seed_hull is not None:
+        tri = hull_trimap(post.silhouette(seed_hull, cams, i, shape), obj_pts, cams, i)
+    elif cams is not None and len(obj_pts) >= 3:
+        tri = seed_trimap(obj_pts, cams, i, shape, hull_pts)
     return grabcut(load_image(i), tri if tri is not None else rect_trimap(shape), int(cfg.grabcut_iters),
                    int(cfg.grabcut_max_side))
 
@@ -300,19 +296,19 @@ def for_each_frame(work: Callable[[int], None], frames: list[int], bar, threads:
 def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: Cameras | None,
             obj_pts: np.ndarray, cfg, work_dir: Path, final: dict[str, np.ndarray | None],
             save_final: Callable[[str, np.ndarray], None], log: logging.Logger, bar=iter,
-            threads: int = 1, hull_pts: np.ndarray | None = None) -> dict:
+            threads: int = 1, hull_pts: np.ndarray | None = None, seed_hull: post.Hull | None = None) -> dict:
     """Run all passes. ``final[stem]`` holds already finished masks (None = to compute);
     ``save_final`` writes a finished mask. Intermediate masks live in ``work_dir/pass<k>/``.
     ``threads`` frames are segmented at once."""
     rounds = max(1, int(cfg.grabcut_rounds))
     todo = {s for s, m in final.items() if m is None}
-    if cams is None or len(obj_pts) < 3:
+    if seed_hull is None and (cams is None or len(obj_pts) < 3):
         log.warning("masks: grabcut has no cameras or SfM points to seed from; using a centred box")
     prev: list[np.ndarray | None] | None = None
     stats: dict = {}
 
     def seed(i: int) -> np.ndarray:
-        return _seed_mask(i, load_image, shapes[i], cams, obj_pts, cfg, hull_pts)
+        return _seed_mask(i, load_image, shapes[i], cams, obj_pts, cfg, hull_pts, seed_hull)
 
     for k in range(rounds):
         last = k == rounds - 1

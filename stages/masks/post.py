@@ -81,8 +81,9 @@ def keep_largest(mask: np.ndarray, count: int) -> np.ndarray:
     return np.isin(labels, order)
 
 
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill background regions not connected to the image border."""
+def fill_holes(mask: np.ndarray, max_share: float = 0.05) -> np.ndarray:
+    """Fill background regions not connected to the image border that are smaller than
+    ``max_share`` of the mask (speckles in a segmentation; the hole of a ring stays open)."""
     import cv2
 
     if not mask.any():
@@ -90,7 +91,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     bg = (~mask).astype(np.uint8)
     n, labels = cv2.connectedComponents(bg, connectivity=4)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    holes = (labels > 0) & ~np.isin(labels, border)
+    sizes = np.bincount(labels.ravel(), minlength=n)
+    small = np.flatnonzero(sizes <= max_share * mask.sum())
+    holes = np.isin(labels, np.setdiff1d(small[small > 0], border))
     return mask | holes
 
 
@@ -119,6 +122,14 @@ class Hull:
             occ = occ & ~binary_erosion(occ)
         idx = np.argwhere(occ)
         return self.lo + (idx + 0.5) * self.voxel
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """Which of ``points`` (M, 3) lie in an occupied voxel."""
+        ijk = np.floor((np.asarray(points, float) - self.lo) / self.voxel).astype(np.int64)
+        inside = ((ijk >= 0) & (ijk < np.array(self.occ.shape))).all(1)
+        out = np.zeros(len(ijk), bool)
+        out[inside] = self.occ[tuple(ijk[inside].T)]
+        return out
 
 
 def triangulate_centre(masks: list[np.ndarray | None], cams: Cameras) -> np.ndarray | None:

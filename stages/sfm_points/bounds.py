@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.cameras import Cameras, look_at_point, project
+from pipeline.cameras import Cameras, framed_radius, look_at_point, project
 
 COARSE_RES = 24  # first carving pass over the initial region, before the grid is refined
 MAX_COARSE = 4  # coarse passes, each over the padded previous hull, before the final one
@@ -158,15 +158,24 @@ def _mask_centroids(cams: Cameras, mask_at: Callable[[int], np.ndarray | None]) 
 
 
 def sphere_with_masks(cams: Cameras, mask_at: Callable[[int], np.ndarray | None], points: np.ndarray,
-                      res: int, margin: float) -> Sphere:
+                      res: int, margin: float, plane=None) -> Sphere:
     """Minimum enclosing ball of the visual hull and the SfM points inside the masks, x ``margin``.
+
+    With the supporting ``plane`` (n, d) the hull is cut at it: seen from above, the hull of an
+    object standing on the ground reaches below the ground (every view's silhouette covers
+    the cone under the object).
 
     Points farther than POINT_SLACK x the hull's radius from its centre are left out (stray
     matches on a wrong mask); points may otherwise widen the sphere where masks cut the object.
     """
     voxels, size = visual_hull(cams, mask_at, res)
-    pad = 0.5 * math.sqrt(3.0) * size
     info = {"method": "carving+points", "hull_voxels": int(len(voxels)), "voxel_size": size}
+    if plane is not None and len(voxels):
+        above = voxels @ plane[0] + plane[1] > -size
+        if above.any():
+            voxels = voxels[above]
+            info["cut_at_plane"] = int((~above).sum())
+    pad = 0.5 * math.sqrt(3.0) * size
     if len(voxels):
         hull_center, hull_radius = min_enclosing_ball(voxels)
         info["hull_radius"] = hull_radius + pad
@@ -180,14 +189,6 @@ def sphere_with_masks(cams: Cameras, mask_at: Callable[[int], np.ndarray | None]
         return Sphere(np.zeros(3), 0.0, info)
     info["points_used"] = int(len(near))
     return Sphere(center, radius * margin, info)
-
-
-def framed_radius(cams: Cameras, target: np.ndarray) -> float:
-    """Radius of the ball around ``target`` that the median view just frames (distance x sin of
-    the half diagonal field of view): the scale an orbit's cameras give, with no SfM point."""
-    dist_cam = np.linalg.norm(cams.centers - target, axis=1)
-    half_diag = np.hypot(0.5 * cams.width / cams.K[:, 0, 0], 0.5 * cams.height / cams.K[:, 1, 1])
-    return float(np.median(dist_cam * np.sin(np.arctan(half_diag))))
 
 
 def implausible(sphere: Sphere, cams: Cameras) -> str | None:
