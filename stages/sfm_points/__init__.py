@@ -24,7 +24,7 @@ from pipeline.cameras import (Cameras, frame_paths, load_transforms, look_at_poi
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 
-VERSION = "3"  # 3: transforms.json's paths relative to its folder, mask_path, aabb_scale
+VERSION = "4"  # 3: transforms.json paths relative to its folder, mask_path, aabb_scale; 4: hull cut at the plane
 CACHE_MASK_BYTES = 512 << 20  # keep decoded masks in memory when they fit in this
 
 
