@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# CI has no network beyond package registries: never wait on a model download (the tests of
+# downloads clear it, against a local server)
+os.environ.setdefault("MESHPIPE_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "benchmarks") not in sys.path:  # benchmark harnesses that tests drive at CI size
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -86,21 +86,37 @@ def provided_dir(frames_dir: Path | None) -> Path | None:
 
 
 def resolve_method(cfg: Any, frames_dir: Path | None, log) -> str:
-    """``auto``: provided masks, else rembg when its model is on disk, else grabcut (warned)."""
-    from stages.masks.rembg import local_model, model_file
+    """``auto``: provided masks, else rembg when its model is on disk or downloads now, else grabcut
+    (warned). ``rembg`` downloads a missing named model here too, or fails in one line."""
+    import stages.masks.rembg as masks_rembg
 
+    if cfg.method in ("auto", "rembg"):
+        masks_rembg.check_download_config(cfg)
     if cfg.method != "auto":
         if cfg.method == "provided" and provided_dir(frames_dir) is None:
             raise InputError("masks.method=provided but the frames stage holds no masks/ folder; use "
                              "--set masks.method=rembg or --set masks.method=grabcut")
+        if cfg.method == "rembg" and not cfg.model_path:
+            try:
+                masks_rembg.ensure_model(cfg.model, cfg.model_url, cfg.model_sha256, cfg.download, log)
+            except masks_rembg.DownloadError as exc:
+                raise StageError(masks_rembg.missing_model_message(cfg.model, str(exc))) from None
         return cfg.method
     if provided_dir(frames_dir) is not None:
         return "provided"
-    if local_model(cfg.model, cfg.model_path) is not None:
+    if masks_rembg.local_model(cfg.model, cfg.model_path) is not None:
         return "rembg"
-    log.warning("masks: no dataset masks and no rembg model on disk: using grabcut (lower quality). "
-                "For better masks put %s.onnx at %s or pass --set masks.model_path=/path/to/model.onnx",
-                cfg.model, model_file(cfg.model))
+    why = "masks.model_path is missing"
+    if not cfg.model_path:
+        try:
+            masks_rembg.ensure_model(cfg.model, cfg.model_url, cfg.model_sha256, cfg.download, log)
+            return "rembg"
+        except masks_rembg.DownloadError as exc:
+            why = str(exc)
+    log.warning("masks: no dataset masks and no rembg model on disk (%s): using grabcut, the model-free "
+                "fallback (lower quality). For better masks put %s.onnx at %s or pass "
+                "--set masks.model_path=/path/to/model.onnx", why, cfg.model,
+                masks_rembg.model_file(cfg.model))
     return "grabcut"
 
 
