@@ -98,19 +98,24 @@ def sweep(i: int, grey: list[np.ndarray], K: np.ndarray, w2c: np.ndarray, nbrs: 
     mI = _box(I)
     sI = np.sqrt(np.maximum(_box(I * I) - mI * mI, 0.0))
     T = np.array([[1.0, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
-    Ki_inv = np.linalg.inv(K[i])
+    to_i = np.linalg.inv(K[i]) @ T
+    from_j = np.linalg.inv(T)
     scores = np.empty((len(inv), h, w), np.float32)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     ones = np.ones((grey[nbrs[0]].shape if nbrs else I.shape), np.uint8)
-    rel = []
+    # the plane at inverse depth q maps view i to neighbour j by T^-1 K_j (R + t [0 0 q]) K_i^-1 T
+    # = A + q B: per neighbour A (the rotation's part) and B (the translation's), per depth a sum
+    hom = []
     for j in nbrs:
         R = w2c[j][:3, :3] @ w2c[i][:3, :3].T
-        rel.append((R, w2c[j][:3, 3] - R @ w2c[i][:3, 3]))
+        t = w2c[j][:3, 3] - R @ w2c[i][:3, 3]
+        KT = from_j @ K[j]
+        hom.append((KT @ R @ to_i, KT @ np.outer(t, [0.0, 0.0, 1.0]) @ to_i))
     for k, q in enumerate(inv):
         first = np.full((h, w), -1.0, np.float32)  # the best and second best NCC over the neighbours
         second = first.copy()
-        for j, (R, t) in zip(nbrs, rel):
-            H = np.linalg.inv(T) @ K[j] @ (R + np.outer(t, [0.0, 0.0, q])) @ Ki_inv @ T
+        for j, (A, B) in zip(nbrs, hom):
+            H = A + q * B
             J = cv2.warpPerspective(grey[j], H, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
             inside = cv2.warpPerspective(ones, H, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0
             mJ = _box(J)
