@@ -38,8 +38,9 @@ FREE_SHARE = 0.25  # or this share of them when they are few,
 MIN_SEEN = 3  # ... or when fewer views than this (and than MIN_SEEN_SHARE of them) have it in frame
 MIN_SEEN_SHARE = 0.1
 MARGIN_STEPS = 1.5  # "behind" = farther by this many depth steps (and half a voxel)
-RES = 72  # carving grid (coarse pass over the framed ball, then a fine pass on the survivors)
-MAX_FILL = 0.15  # more of the framed ball than this surviving: the views saw nothing behind it
+RES = 72  # carving grid (coarse pass over the region's cube, then a fine pass on the survivors)
+MAX_FILL = 0.15  # a coarse surviving volume over this share of the region ball's (the ball in the carving
+                 # cube: REGION framed radii, less with a near camera): the views saw nothing behind it
 PLANE_TOL = 0.01  # supporting plane: inliers within this share of the camera distance (SfM points; x2 stereo)
 REGION = 2.0  # carving starts from a cube this many framed radii around the target (cameras kept out)
 REACH = 1.0  # the object is the largest part that comes this close (x the framed radius) to the target
@@ -275,11 +276,12 @@ def object_hull(images, cams: Cameras, points: np.ndarray, log: logging.Logger,
     reach = min(REGION * radius, 0.8 * nearest)  # an object cut by the frame border is larger than the framed ball
     lo, size = target - reach, 2.0 * reach
     coarse = carve_free(maps, lo, size, RES // 2, plane)
-    fill = float(coarse.mean() / (np.pi / 6))  # of the ball's volume in its cube
+    fill = float(coarse.mean() / (np.pi / 6))  # the surviving volume over the region ball's (the ball in the cube)
     info["coarse_fill"] = round(fill, 4)
     if not coarse.any() or fill > MAX_FILL:
-        info["reason"] = "nothing was left" if not coarse.any() else \
-            f"{fill:.0%} of the framed ball survived (too little seen behind it)"
+        info["reason"] = "nothing was left" if not coarse.any() else (
+            f"a volume of {fill:.0%} of the region ball ({reach / radius:.2g} framed radii) survived the carving "
+            "(too little seen behind it)")
         return None, info
     voxel = size / (RES // 2)
     coarse = _component(coarse, lo, voxel, target, REACH * radius)
