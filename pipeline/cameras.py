@@ -133,6 +133,13 @@ def framed_radius(cams: Cameras, target: np.ndarray) -> float:
     return float(np.median(dist_cam * np.sin(np.arctan(half_diag))))
 
 
+def orbit_distance(cams: Cameras, centre: np.ndarray | None = None) -> float:
+    """Median distance of the camera centres to ``centre`` (default the ``look_at_point``): an
+    orbit's radius, the scale for tolerances that grow with the camera distance."""
+    centre = look_at_point(cams) if centre is None else centre
+    return float(np.median(np.linalg.norm(cams.centers - centre, axis=1)))
+
+
 def supporting_plane(pts: np.ndarray, cams: Cameras, thresh: float, rng: np.random.Generator | None = None):
     """RANSAC plane (n, d) of the points (inliers within ``thresh``) with n.x + d > 0 on the cameras'
     side, or None when it holds under 15 % of the points or cameras lie on both sides (not the ground)."""

@@ -85,3 +85,18 @@ def test_bad_camera_files(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(InputError, match="broken.json"):
         C.load_transforms(tmp_path / "broken.json")
+
+
+def test_orbit_distance_is_the_orbit_radius():
+    """Cameras on a circle of radius r around a point, looking at it: r, whether the point is
+    given or found as the look-at point; the median, so one far camera does not move it."""
+    centre, r = np.array([0.3, -1.2, 0.5]), 2.5
+    angles = np.linspace(0.0, 2 * np.pi, 12, endpoint=False)
+    eyes = centre + r * np.stack([np.cos(angles), np.sin(angles), np.zeros_like(angles)], 1)
+    c2w = [C.look_at(eye, centre, np.array([0.0, 0.0, 1.0])) for eye in eyes]
+    c2w.append(C.look_at(centre + [10.0 * r, 0.0, 0.0], centre, np.array([0.0, 0.0, 1.0])))
+    K = np.stack([C.intrinsics(500, 500, 320, 240)] * len(c2w))
+    cams = C.Cameras([f"{i}.png" for i in range(len(c2w))], K, np.stack(c2w), 640, 480)
+    assert C.orbit_distance(cams, centre) == pytest.approx(r, rel=1e-12)
+    assert C.orbit_distance(cams) == pytest.approx(r, rel=1e-9)  # the look-at point is the centre
+    assert C.orbit_distance(cams, centre + [0.0, 0.0, 1.0]) == pytest.approx(np.hypot(r, 1.0), rel=1e-12)

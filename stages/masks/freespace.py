@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.cameras import Cameras, framed_radius, look_at_point, supporting_plane
+from pipeline.cameras import (
+    Cameras,
+    framed_radius,
+    look_at_point,
+    orbit_distance,
+    supporting_plane,
+)
 from stages.masks.post import Hull
 
 WORK_SIDE = 256  # stereo runs on images downscaled to this long side
@@ -258,7 +264,7 @@ def object_hull(images, cams: Cameras, points: np.ndarray, log: logging.Logger,
     target = look_at_point(cams)
     radius = framed_radius(cams, target)
     views = sorted(range(len(cams)), key=lambda i: (i * 0.6180339887) % 1.0)[:MAX_VIEWS]
-    scale = float(np.median(np.linalg.norm(cams.centers - target, axis=1)))
+    scale = orbit_distance(cams, target)
     spacing = float(np.median([view_angle(cams, i, neighbours(cams, i, target, 1), target) for i in views]))
     if spacing > MAX_SPACING_DEG:
         return None, {"views": len(views), "reason": f"the views are {spacing:.0f} deg apart (stereo needs at most "

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.cameras import Cameras, project, supporting_plane
+from pipeline.cameras import Cameras, orbit_distance, project, supporting_plane
 import stages.masks.post as post
 
 GC_BGD, GC_FGD, GC_PR_BGD, GC_PR_FGD = 0, 1, 2, 3
@@ -104,7 +104,7 @@ def select_object_points(pts: np.ndarray, cams: Cameras, central: float = 0.5, m
     if sel.sum() < 20:
         sel = frac >= min(np.quantile(frac, 0.9), min_frac)
     obj = pts[sel]
-    scale = float(np.median(np.linalg.norm(cams.centers - np.median(obj, 0), axis=1))) if len(obj) else 1.0
+    scale = orbit_distance(cams, np.median(obj, 0)) if len(obj) else 1.0  # around the points, not the look-at point
     plane = supporting_plane(pts, cams, 0.01 * scale)
     if plane is not None:
         n, d = plane

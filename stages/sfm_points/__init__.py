@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cameras import (Cameras, frame_paths, load_transforms, look_at_point, project, save_transforms,
+from pipeline.cameras import (Cameras, frame_paths, load_transforms, orbit_distance, project, save_transforms,
                               supporting_plane)
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
@@ -162,7 +162,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
         obs_ok &= in_mask & keep[pts.obs_point]
         counts["points_after_mask"] = int(keep.sum())
         counts["observations_in_mask"] = int(obs_ok.sum())
-        scale = float(np.median(np.linalg.norm(cams.centers - look_at_point(cams), axis=1)))
+        scale = orbit_distance(cams)
         plane = supporting_plane(pts.xyz[pts.track >= cfg.min_track_length], cams, 0.01 * scale)
         sphere = bounds.sphere_with_masks(cams, mask_at, pts.xyz[keep], cfg.carve_resolution, cfg.sphere_margin,
                                           plane)
