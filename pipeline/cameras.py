@@ -92,6 +92,21 @@ def project(points: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> tuple[np.ndar
     return uv, depth
 
 
+def pixels_in_image(points: np.ndarray, K: np.ndarray, w2c: np.ndarray,
+                    shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels world points (M, 3) fall in, in an image of ``shape`` (h, w): the indices of the
+    points in front of the camera that land inside the image, their pixels' rows and columns
+    (int64) and their depths. Computed in the points' dtype (float32 voxel centres: carving)."""
+    h, w = shape
+    P = (K @ w2c[:3]).astype(points.dtype)
+    uvw = points @ P[:, :3].T + P[:, 3]
+    depth = uvw[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u, v = np.floor(uvw[:, 0] / depth), np.floor(uvw[:, 1] / depth)
+    sel = np.flatnonzero((depth > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h))
+    return sel, v[sel].astype(np.int64), u[sel].astype(np.int64), depth[sel]
+
+
 def pixel_rays(K: np.ndarray, c2w: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rays through continuous pixel coordinates ``uv`` (M, 2): world origins and unit directions."""
     xy = (uv - K[:2, 2]) / np.array([K[0, 0], K[1, 1]])

@@ -100,3 +100,21 @@ def test_orbit_distance_is_the_orbit_radius():
     assert C.orbit_distance(cams, centre) == pytest.approx(r, rel=1e-12)
     assert C.orbit_distance(cams) == pytest.approx(r, rel=1e-9)  # the look-at point is the centre
     assert C.orbit_distance(cams, centre + [0.0, 0.0, 1.0]) == pytest.approx(np.hypot(r, 1.0), rel=1e-12)
+
+
+def test_pixels_in_image_are_the_projections_floored():
+    """The pixel a point falls in is its projection floored (pixel centres at +0.5); points behind
+    the camera or outside the image are left out; float32 points are projected in float32."""
+    cams = _cams(n=1)
+    K, w2c = cams.K[0], np.linalg.inv(cams.c2w[0])
+    rng = np.random.default_rng(3)
+    pts = rng.normal(size=(4000, 3)) * 3
+    sel, row, col, depth = C.pixels_in_image(pts, K, w2c, (480, 640))
+    uv, z = C.project(pts, K, w2c)
+    with np.errstate(invalid="ignore"):
+        inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < 640) & (uv[:, 1] >= 0) & (uv[:, 1] < 480)
+    assert 0 < len(sel) < len(pts) and np.array_equal(sel, np.flatnonzero(inside))
+    np.testing.assert_array_equal(col, np.floor(uv[sel, 0]))
+    np.testing.assert_array_equal(row, np.floor(uv[sel, 1]))
+    np.testing.assert_allclose(depth, z[sel], rtol=1e-12)
+    assert C.pixels_in_image(pts.astype(np.float32), K, w2c, (480, 640))[3].dtype == np.float32

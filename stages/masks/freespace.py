@@ -22,6 +22,7 @@ from pipeline.cameras import (
     framed_radius,
     look_at_point,
     orbit_distance,
+    pixels_in_image,
     supporting_plane,
 )
 from stages.masks.post import Hull
@@ -225,17 +226,9 @@ def carve_free(maps: list[DepthMap], lo: np.ndarray, size: float, res: int, plan
     free = np.zeros(len(alive), np.int32)
     seen_by = np.zeros(len(alive), np.int32)
     for m in maps:
-        h, w = m.inv_depth.shape
-        P = (m.K @ m.w2c[:3]).astype(np.float32)
-        uvw = pts @ P[:, :3].T + P[:, 3]
-        z = uvw[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u, v = np.floor(uvw[:, 0] / z), np.floor(uvw[:, 1] / z)
-        ok = (z > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
-        sel = np.nonzero(ok)[0]
+        sel, row, col, z = pixels_in_image(pts, m.K, m.w2c, m.inv_depth.shape)
         seen_by[sel] += 1
-        px = v[sel].astype(np.int64), u[sel].astype(np.int64)
-        behind = 1.0 / (z[sel] + 0.5 * voxel) > m.inv_depth[px] + m.margin[px]  # nan compares False
+        behind = 1.0 / (z + 0.5 * voxel) > m.inv_depth[row, col] + m.margin[row, col]  # nan compares False
         free[sel[behind]] += 1
     occ = np.zeros(res ** 3, bool)
     observed = seen_by >= max(MIN_SEEN, MIN_SEEN_SHARE * len(maps))

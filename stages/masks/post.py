@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cameras import Cameras, look_at_point, project
+from pipeline.cameras import Cameras, look_at_point, pixels_in_image, project
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.images import read_mask
@@ -190,18 +190,10 @@ def carve(masks, cams: Cameras, lo: np.ndarray, size: float, res: int, tol: floa
     for i in views:
         ijk = np.stack([alive // (res * res), (alive // res) % res, alive % res], 1).astype(np.float32)
         pts = lo32 + (ijk + 0.5) * np.float32(voxel)
-        P = (cams.K[i] @ np.linalg.inv(cams.c2w[i])[:3]).astype(np.float32)
-        uvw = pts @ P[:, :3].T + P[:, 3]
-        depth = uvw[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u, v = uvw[:, 0] / depth, uvw[:, 1] / depth
-        m = masks[i]
-        h, w = m.shape
-        ok = (depth > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
-        sel = np.nonzero(ok)[0]
+        sel, row, col, _ = pixels_in_image(pts, cams.K[i], np.linalg.inv(cams.c2w[i]), masks[i].shape)
         hit = np.zeros(len(alive), bool)
-        hit[sel] = m[v[sel].astype(np.int64), u[sel].astype(np.int64)]
-        seen[alive] += ok
+        hit[sel] = masks[i][row, col]
+        seen[alive[sel]] += 1
         inside[alive] += hit
         alive = alive[(seen[alive] - inside[alive]) <= max_miss]
     keep = np.zeros(res ** 3, bool)
