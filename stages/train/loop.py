@@ -1,5 +1,6 @@
 """The training loop: set up, step (rays -> render -> losses -> AdamW), checkpoint, resume,
-recover from non-finite losses. State lives in :class:`Run`; schedules are pure functions.
+recover from non-finite losses. State lives in :class:`Run`, which ``stages.train.state`` holds
+with the checkpoints' payload, restore and recovery and the loss record; schedules are pure functions.
 With several ranks (``Run.comm``, see ``stages.train.ddp``) each draws its share of the rays,
 gradients are averaged, rank 0 computes the occupancy grid and writes the checkpoints.
 
@@ -10,10 +11,9 @@ next, so the host never waits for the GPU."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,47 +27,7 @@ from stages.train.data import SceneData
 from stages.train.fields import NeuSModel
 from stages.train.render import OccupancyGrid, RenderOptions, render_rays
 from stages.train.rays import RaySampler
-
-MAX_NONFINITE = 3
-
-
-@dataclass
-class Progress:
-    """Plain-typed training state saved in every checkpoint."""
-
-    step: int = 0
-    lr_scale: float = 1.0
-    nonfinite: int = 0
-    elapsed: float = 0.0
-    history: list = field(default_factory=list)
-    timeline: list = field(default_factory=list)  # [step, training seconds so far] at each history entry
-
-
-@dataclass
-class Run:
-    cfg: object
-    device: torch.device
-    model: NeuSModel
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    sampler: RaySampler
-    occ: OccupancyGrid
-    opts: RenderOptions
-    points: torch.Tensor  # (M, 3) unit coordinates
-    offsets: torch.Tensor
-    indices: torch.Tensor
-    object_mode: bool
-    backend: str
-    compiled: bool
-    progress: Progress = field(default_factory=Progress)
-    compile_checked: bool = False
-    comm: object | None = None  # stages.train.ddp.Comm when several ranks train together
-    loss_fn: Callable | None = None  # render_losses compiled whole (see setup); None: as it is
-
-    @property
-    def main(self) -> bool:
-        """True on the rank that writes files (the only one without DDP)."""
-        return self.comm is None or self.comm.is_main
+from stages.train.state import Progress, Run, recover, record, restore, save_checkpoint, tb_writer
 
 
 def amp_dtype(cfg, device: torch.device):
@@ -342,95 +302,6 @@ def resolve(launched: Launched) -> dict | None:
     return {**metrics, **launched.extra}
 
 
-def state_payload(run: Run) -> dict:
-    """The checkpoint; with several ranks every rank's RNG state too (``rng_ranks``), so that a
-    resume continues each rank's ray stream. Collective: call it on every rank."""
-    rng = checkpoint.rng_state(run.device)
-    payload = {"rng": rng}
-    if run.comm is not None:
-        payload["rng_ranks"] = run.comm.gather(rng)
-    if not run.main:
-        return {}
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
-            "occupancy": run.occ.state_dict(), **payload,
-            "progress": dataclasses.asdict(run.progress), "config": dataclasses.asdict(run.cfg),
-            "object_mode": run.object_mode}
-
-
-def save_checkpoint(run: Run, ckpt_dir: Path, step: int) -> None:
-    """Rank 0 writes; the others wait until the file is there (a later reload reads it)."""
-    payload = state_payload(run)
-    if run.main:
-        checkpoint.save(ckpt_dir, step, payload)
-    if run.comm is not None:
-        run.comm.barrier()
-
-
-def restore(run: Run, path: Path, keep_counters: bool = False) -> None:
-    state = checkpoint.load(path, run.device)
-    if bool(state["object_mode"]) != run.object_mode:
-        raise StageError(f"{path}: checkpoint is from a {'object' if state['object_mode'] else 'scene'}-mode "
-                         "run; delete the checkpoints folder to start over")
-    try:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise StageError(f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0][:160]}); "
-                         "delete the checkpoints folder to start over") from None
-    if run.scaler is not None and state["scaler"]:
-        run.scaler.load_state_dict(state["scaler"])
-    run.occ.load_state_dict(state["occupancy"])
-    if run.comm is None:
-        checkpoint.set_rng_state(state["rng"], run.device)
-    else:
-        run.comm.restore_rng(state, run.device)
-    old = run.progress
-    run.progress = Progress(**state["progress"])
-    if keep_counters:
-        run.progress.nonfinite, run.progress.lr_scale = old.nonfinite, old.lr_scale
-
-
-def recover(run: Run, ckpt_dir: Path, step: int, log) -> None:
-    """Non-finite loss: reload the last checkpoint with half the learning rate; fail the third time."""
-    run.progress.nonfinite += 1
-    if run.progress.nonfinite >= MAX_NONFINITE:
-        raise StageError(f"train: the loss became non-finite {run.progress.nonfinite} times (last at step {step}), "
-                         "even after halving the learning rate; try a lower train.lr, train.amp=off, "
-                         "or check the cameras and images")
-    run.progress.lr_scale *= 0.5
-    last = checkpoint.latest(ckpt_dir)
-    restore(run, last, keep_counters=True)
-    log.warning("train: non-finite loss at step %d; reloaded %s, learning rate x%.3g", step, last.name,
-                run.progress.lr_scale)
-
-
-def _writer(tb_dir: Path, log):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:  # tensorboard missing: keep training, just without event files
-        log.warning("train: no TensorBoard logs (%s)", exc)
-        return None
-    return SummaryWriter(log_dir=str(tb_dir))
-
-
-def _record(run: Run, step: int, metrics: dict, writer, log=None, rate: float = 0.0) -> None:
-    """Every ``log_every`` steps (and the last): the loss curve, TensorBoard scalars and, given
-    ``log`` (no progress bar), one log line."""
-    if step % max(1, run.cfg.log_every) and step != run.cfg.iterations:
-        return
-    if run.comm is not None:
-        metrics = run.comm.mean_metrics(metrics)
-    run.progress.history.append({"step": step, **{k: metrics[k] for k in sorted(metrics)}})
-    run.progress.timeline.append([step, round(run.progress.elapsed, 3)])
-    if writer is not None:
-        for key, value in metrics.items():
-            writer.add_scalar(f"train/{key}", value, step)
-    if log is not None:
-        log.info("train: step %d/%d, loss %.4f, PSNR %.2f, %.1f steps/s", step, run.cfg.iterations,
-                 metrics["loss"], metrics["psnr"], rate)
-
-
 def _launch_once(run: Run, step: int, hook, log) -> Launched:
     """Launch a training step; if a compiled graph fails on first use, fall back (``fall_back``)
     and launch it again."""
@@ -465,7 +336,7 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
         log.info("train: resuming from %s (step %d)", last.name, run.progress.step)
     else:
         save_checkpoint(run, ckpt_dir, 0)
-    writer = _writer(out_dir / "tb", log) if run.main else None
+    writer = tb_writer(out_dir / "tb", log) if run.main else None
     bar = None
     if show_progress:
         bar = progress_bar(total=cfg.iterations, initial=run.progress.step, desc="train")
@@ -489,7 +360,7 @@ def train(run: Run, out_dir: Path, log, show_progress: bool, should_stop: Callab
             run.progress.step = step + 1
             run.progress.elapsed = base + time.perf_counter() - t0
             rate = (step + 1 - initial) / max(run.progress.elapsed - base, 1e-9)
-            _record(run, step + 1, metrics, writer, log if bar is None and run.main else None, rate)
+            record(run, step + 1, metrics, writer, log if bar is None and run.main else None, rate)
             if bar is not None:  # the postfix is drawn with the next redraw, not one line a step
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['psnr']:.2f}", refresh=False,
                                 it_s=f"{rate:.1f}")
