@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -104,26 +105,31 @@ def _report(result, debug: bool) -> int:
     return 1
 
 
-def _scene_plan(source: Source, scene: str, args) -> tuple[Path, dict]:
+def _scene_plan(source: Source, scene: str, args, prepare: bool = False) -> tuple[Path, dict]:
     """The workdir and the plan (every stage key up to --until) a run of ``scene`` works from;
-    computing it reads the input and the workdir and writes nothing."""
+    computing it reads the input and the workdir and writes nothing (``prepare``: a run first
+    lets the stages fetch what they read from this machine, such as a masks model)."""
     workdir = Path(args.workdir).expanduser()
     store.check_workdir(workdir)
     store.check_scene_folder(workdir, scene)
     cfg = load_config(args.preset, args.set)
     until = args.until or store.available_stages()[-1]
+    if prepare:
+        store.prepare_stages(cfg, until, logging.getLogger("pipeline"))
     return workdir, store.make_plan(scene, source, cfg, until)
 
 
 def run_scene(source: Source, scene: str, args) -> int:
     from tasks.build import build
 
-    workdir, plan = _scene_plan(source, scene, args)
+    workdir, plan = _scene_plan(source, scene, args, prepare=True)
     result = build([plan], workdir, workers=args.workers, scheduler_host=args.scheduler_host,
                    scheduler_port=args.scheduler_port, op=_op(args), debug=args.debug)
     code = _report(result, args.debug)
     if code == 0:
-        _say(f"done: scene '{scene}' up to stage '{plan['until']}' in {store.scene_dir(workdir.resolve(), scene)}")
+        notes = store.plan_fallbacks(workdir, plan)
+        _say(f"done: scene '{scene}' up to stage '{plan['until']}' in {store.scene_dir(workdir.resolve(), scene)}"
+             + (f"; with fallbacks: {'; '.join(notes)}" if notes else ""))
     return code
 
 
@@ -181,6 +187,7 @@ def cmd_batch(args) -> int:
     store.check_workdir(workdir)
     cfg = load_config(args.preset or "default", args.set)
     until = args.until or store.available_stages()[-1]
+    store.prepare_stages(cfg, until, logging.getLogger("pipeline"))
     scenes = discover(Path(args.root), args.split, args.include, args.limit)
     plans, failures = plan_all(scenes, cfg, until)
     for plan in list(plans):  # a scene whose folder is a file fails alone

@@ -138,12 +138,28 @@ def source_fingerprint(source: Source) -> str:
 
 
 def key_section(cfg: PipelineConfig, stage: str) -> dict:
-    """The config section as hashed: file paths are replaced by their content fingerprint."""
+    """The config section as hashed: file paths are replaced by their content fingerprint, and
+    what the stage reads from this machine besides its config (its ``key_inputs(section)``, for
+    example the masks model found on disk) is added under ``"machine"``."""
     section = dataclasses.asdict(cfg.section(stage))
+    module = importlib.import_module(stage_module_name(stage))
+    machine = module.key_inputs(cfg.section(stage)) if hasattr(module, "key_inputs") else {}
     for name in path_fields(stage):
         if section[name]:
             section[name] = "sha256:" + fingerprint_path(Path(section[name]).expanduser())
+    if machine:
+        section["machine"] = machine
     return section
+
+
+def prepare_stages(cfg: PipelineConfig, until: str, log: logging.Logger) -> None:
+    """Before a run's keys are computed, let each stage fetch what it reads from this machine
+    (its ``prepare(section, log)``: the masks stage downloads a missing model), so the keys say
+    what the run uses and the next run finds its folders. Plans and dry runs never call this."""
+    for stage in closure(until):
+        module = importlib.import_module(stage_module_name(stage))
+        if hasattr(module, "prepare"):
+            module.prepare(cfg.section(stage), log)
 
 
 def make_plan(scene: str, source: Source, cfg: PipelineConfig, until: str) -> dict:
@@ -233,6 +249,16 @@ def load_manifest(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and "files" in data else None
+
+
+def plan_fallbacks(workdir: Path, plan: dict) -> list[str]:
+    """``<stage>: <line>`` for each fallback (a choice made in place of what was asked, listed
+    under ``fallbacks`` in a stage's summary) of the plan's finished stages, in stage order."""
+    out = []
+    for stage, key in plan["keys"].items():
+        summary = (load_manifest(stage_dir(workdir, plan["scene"], stage, key)) or {}).get("summary") or {}
+        out += [f"{stage}: {line}" for line in summary.get("fallbacks") or []]
+    return out
 
 
 def is_done(final: Path) -> bool:

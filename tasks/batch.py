@@ -77,6 +77,7 @@ def scene_rows(workdir: Path, plans: list[dict], failures: list[dict]) -> list[d
         row["status"] = "done" if done else "failed" if fail else "incomplete"
         row["failed_stage"] = fail["stage"] if fail else ""
         row["reason"] = fail["message"] if fail else ""
+        row["fallbacks"] = "; ".join(store.plan_fallbacks(workdir, plan))
         report = store.scene_dir(workdir, scene) / "report.html"
         row["report"] = f"{scene}/report.html" if report.is_file() else ""
         rows.append(row)
@@ -95,7 +96,7 @@ STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
 
 
 def write_summary(workdir: Path, rows: list[dict]) -> tuple[Path, Path]:
-    columns = ["scene", "status", "failed_stage", "reason"]
+    columns = ["scene", "status", "failed_stage", "reason", "fallbacks"]
     columns += sorted({k for r in rows for k in r} - set(columns) - {"report"}) + ["report"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, restval="")

@@ -7,6 +7,7 @@ One tiny run through every stage (the fault harness's 16-photo spot scene, share
 test_faults and test_concurrent_runs, with a texture baked) serves the tests of this module."""
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import stat
@@ -36,10 +37,11 @@ def run(tmp_path_factory) -> dict:
     setup.until, setup.settings = "evaluate", SETTINGS
     wd = tmp_path_factory.mktemp("outputs")
     log = wd.parent / f"{wd.name}.log"
-    proc = faults.start(setup, wd, log)
+    no_models = tmp_path_factory.mktemp("rembg_home")  # auto finds no rembg model: GrabCut masks
+    proc = faults.start(setup, wd, log, env={"U2NET_HOME": str(no_models)})
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     keys = faults.scene_keys(wd)
-    return {"scene": store.scene_dir(wd, faults.SCENE),
+    return {"scene": store.scene_dir(wd, faults.SCENE), "log": log, "rembg_home": no_models,
             "dirs": {stage: store.stage_dir(wd, faults.SCENE, stage, key) for stage, key in keys.items()}}
 
 
@@ -170,3 +172,14 @@ def test_publish_drops_a_stale_texture_copy(tmp_path):
         (scene / name).write_text("from an earlier run")
     assert publish(tmp_path, {"scene": "s", "keys": {"cleanup": key}}) == ["mesh.ply", "mesh.obj", "mesh.glb"]
     assert sorted(p.name for p in scene.iterdir()) == ["cleanup-" + key, "mesh.glb", "mesh.obj", "mesh.ply"]
+
+
+def test_done_line_and_report_name_the_masks_fallback(run):
+    expected = f"masks: no rembg model on disk ({run['rembg_home']}/models/"
+    done = [line for line in run["log"].read_text().splitlines() if line.startswith("done: scene 'spot'")]
+    assert len(done) == 1 and "; with fallbacks: " + expected in done[0], done
+    summary = store.load_manifest(run["dirs"]["masks"])["summary"]
+    assert summary["method"] == "grabcut" and summary["requested"] == "auto"
+    assert summary["fallbacks"][0].startswith(expected[len("masks: "):])
+    report = (run["scene"] / "report.html").read_text()
+    assert "<h2>Fallbacks</h2>" in report and html.escape(expected) in report

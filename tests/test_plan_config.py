@@ -120,3 +120,35 @@ def test_what_would_run_follows_luigi_from_the_last_stage(tmp_path):
         ("frames", "pending", "run"), ("sfm", "done", "cached"), ("masks", "partial", "resume")]
     rows = dryrun.stage_states(tmp_path, {"scene": "s", "until": "sfm", "keys": {s: keys[s] for s in ("frames", "sfm")}})
     assert [(r["state"], r["action"]) for r in rows] == [("pending", "not needed"), ("done", "cached")]
+
+
+def test_masks_key_follows_the_model_found_on_disk(tmp_path, monkeypatch):
+    """auto without a model makes GrabCut masks: installing (or replacing) the model must make new
+    masks, and nothing upstream changes; grabcut and a model_path do not look at rembg's cache."""
+    from pipeline import store
+    from pipeline.dag import Source
+    from stages.masks.rembg import model_file
+
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "home"))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"not decoded by planning")
+    source = Source("images", str(tmp_path / "photos"))
+
+    def keys(*sets: str) -> dict:
+        return store.make_plan("s", source, load_config("fast_cpu", list(sets)), "masks")["keys"]
+
+    absent, grabcut = keys(), keys("masks.method=grabcut")
+    model = model_file(load_config("fast_cpu").masks.model)
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"model one")
+    installed = keys()
+    model.write_bytes(b"model two")
+    replaced = keys()
+    assert len({absent["masks"], installed["masks"], replaced["masks"]}) == 3
+    assert all(k["sfm"] == absent["sfm"] and k["frames"] == absent["frames"] for k in (installed, replaced))
+    assert keys("masks.method=grabcut") == grabcut != absent
+    custom = tmp_path / "custom.onnx"
+    custom.write_bytes(b"custom")
+    with_path = keys(f"masks.model_path={custom}")
+    model.unlink()
+    assert keys(f"masks.model_path={custom}") == with_path

@@ -170,3 +170,27 @@ def test_model_home_matches_rembgs_own(env, tmp_path, monkeypatch):
     assert masks_rembg.legacy_home() == Path(BaseSession.legacy_home())
     url, known = masks_rembg.rembg_source(name)
     assert url.startswith("https://") and url.endswith(f"{name}.onnx") and known.startswith("md5:")
+
+
+def test_a_run_downloads_before_its_keys_so_the_next_run_reuses_them(tmp_path, home, server):
+    """The CLI fetches the model before planning (``store.prepare_stages``): the first run's masks
+    key already names the downloaded file, so a rerun computes the same keys; plans download nothing."""
+    from pipeline import store
+    from pipeline.config import load_config
+    from pipeline.dag import Source
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    source = Source("images", str(tmp_path / "photos"))
+    config = load_config("fast_cpu", ["masks.model=u2net", f"masks.model_url={server['url']}",
+                                      f"masks.model_sha256=sha256:{server['sha256']}"])
+    before = store.make_plan("s", source, config, "masks")["keys"]
+    assert server["hits"] == []  # planning alone never downloads
+    store.prepare_stages(config, "sfm", LOG)
+    assert server["hits"] == []  # a run that stops before masks does not need the model
+    store.prepare_stages(config, "masks", LOG)
+    first = store.make_plan("s", source, config, "masks")["keys"]
+    store.prepare_stages(config, "masks", LOG)
+    assert len(server["hits"]) == 1 and (home / "models" / "u2net" / "u2net.onnx").is_file()
+    assert store.make_plan("s", source, config, "masks")["keys"] == first
+    assert first["masks"] != before["masks"] and first["sfm"] == before["sfm"]

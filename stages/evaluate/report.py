@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.dag import STAGES
 from pipeline.fsutil import atomic_write_bytes, atomic_write_text
 import stages.evaluate.figures as F
 from pipeline.images import read_mask
@@ -122,6 +123,17 @@ def _manifest(folder: Path) -> dict:
         return {}
 
 
+def fallbacks_section(scene) -> str:
+    """What the stages chose in place of what was asked (their summaries' ``fallbacks``); empty
+    when nothing fell back."""
+    stages = sorted(scene.inputs.items(), key=lambda item: STAGES.index(item[0]))
+    lines = [f"{name}: {line}" for name, folder in stages if folder is not None
+             for line in (_manifest(folder).get("summary") or {}).get("fallbacks") or []]
+    if not lines:
+        return ""
+    return ('<h2>Fallbacks</h2><ul class="fallbacks">' + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>")
+
+
 def times_section(scene, m: dict) -> str:
     rows, total = [], 0.0
     for name, seconds in m["stage_seconds"].items():
@@ -228,7 +240,7 @@ def renders_section(scene, cfg, thumbnail: Path | None = None) -> str:
 def write_report(path: Path, scene, m: dict, cfg, ctx) -> None:
     """Assemble and write ``report.html`` (and ``thumbnail.jpg`` beside it); each section is
     independent of the others."""
-    sections = [metrics_section(m), viewer_section(scene, cfg.viewer_faces), times_section(scene, m),
+    sections = [fallbacks_section(scene), metrics_section(m), viewer_section(scene, cfg.viewer_faces), times_section(scene, m),
                 frames_section(scene, cfg), masks_section(scene), cameras_section(scene, cfg), training_section(scene),
                 renders_section(scene, cfg, path.with_name(THUMBNAIL))]
     title = f"Reconstruction report: {ctx.scene}"

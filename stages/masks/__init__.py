@@ -201,6 +201,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
         os.replace(mask_dir, out_dir / REJECTED_DIR)
         summary.update(method="none", fallback={"from": method, "reason": reason, "masks": REJECTED_DIR})
     elapsed = time.perf_counter() - start
+    summary["fallbacks"] = fallbacks(cfg, summary)
     summary.update(num_frames=len(stems), reused=reused, computed=len(todo),
                    flagged=[f["name"] for f in frames if f["flags"]],
                    mean_coverage=round(float(np.mean([f["coverage"] for f in frames])), 5),
@@ -231,6 +232,7 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
             session, provider = masks_rembg.open_session(cfg.model, cfg.model_path, ctx.threads, ctx.log)
             info["provider"] = provider
             _per_frame(stems, todo, lambda i: masks_rembg.predict(session, load_rgb(paths[i])), finish, bar)
+        info.update(masks_rembg.pop_model_origin(cfg.model, cfg.model_path))
         local = masks_rembg.local_model(cfg.model, cfg.model_path)
         if local is not None:
             info["model_sha256"] = sha256_file(local)
@@ -265,6 +267,66 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
         shutil.rmtree(work, ignore_errors=True)
         return info
     raise StageError(f"masks: unknown method {method!r}")
+
+
+def prepare(cfg: Any, log) -> None:
+    """Download a missing named rembg model for ``auto``/``rembg`` before the key is computed
+    (``key_inputs`` reads the file), so the first run's masks are cached under the key the next
+    run computes. A failed download is left to the stage: ``auto`` warns and uses GrabCut."""
+    import stages.masks.rembg as masks_rembg
+
+    if cfg.method not in ("auto", "rembg") or cfg.model_path or masks_rembg.local_model(cfg.model) is not None:
+        return
+    masks_rembg.check_download_config(cfg)
+    if masks_rembg.download_blocked(cfg.download) is None:
+        try:
+            masks_rembg.ensure_model(cfg.model, cfg.model_url, cfg.model_sha256, cfg.download, log)
+        except masks_rembg.DownloadError as exc:
+            log.info("masks: the model download failed (%s); the masks stage says what it uses instead", exc)
+
+
+def key_inputs(cfg: Any) -> dict:
+    """What the masks depend on besides the config: the rembg model file that ``auto`` and
+    ``rembg`` find on this machine (``auto`` without one makes GrabCut masks), so installing or
+    replacing a model makes new masks. A ``model_path`` is already in the key by its content."""
+    if cfg.method not in ("auto", "rembg") or cfg.model_path:
+        return {}
+    from stages.masks.rembg import local_model
+
+    found = local_model(cfg.model)
+    return {"rembg_model": _file_digest(found) if found is not None else "absent"}
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so a batch hashes the model once."""
+    from pipeline.fsutil import sha256_file
+
+    st = path.stat()
+    token = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if token not in _DIGESTS:
+        _DIGESTS[token] = "sha256:" + sha256_file(path)
+    return _DIGESTS[token]
+
+
+def fallbacks(cfg: Any, summary: dict) -> list[str]:
+    """One line per choice the stage made in place of what was asked: the closing ``done:`` line
+    and the report repeat them."""
+    from stages.masks.rembg import model_file
+
+    out = []
+    if cfg.method == "auto" and summary.get("fallback", {}).get("from", summary["method"]) == "grabcut":
+        out.append(f"no rembg model on disk ({model_file(cfg.model)}): model-free GrabCut masks")
+    hull = summary.get("freespace") or {}
+    if summary.get("seed") == "points" and hull.get("reason"):
+        out.append(f"free-space hull refused ({hull['reason']}): GrabCut seeded from the SfM points")
+    if "fallback" in summary:
+        fb = summary["fallback"]
+        out.append(f"the {fb['from']} masks are implausible ({fb['reason']}): set aside in {fb['masks']}/, "
+                   "trained in scene mode")
+    return out
 
 
 def check_usable(masks: list[np.ndarray], method: str, mask_dir: Path) -> None:
