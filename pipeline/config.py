@@ -119,7 +119,7 @@ class MaskConfig:
     dilate_px: int = opt(0, "dilate masks by this many pixels after clean-up", bounds="[0, 1000]")
     keep_components: int = opt(1, "keep this many largest connected components", bounds="[0, 1000]")
     fill_holes: bool = opt(True, "fill holes inside the mask")
-    seed: Literal["auto", "freespace", "points"] = opt("auto", "grabcut: seed from the free-space hull (the space the views see through, carved by plane-sweep stereo: no texture on the object needed) or from the SfM points on the object; auto: the hull, the points when no hull can be carved")
+    seed: Literal["auto", "freespace", "points"] = opt("auto", "grabcut: seed from the free-space hull (the space the views see through, carved by plane-sweep stereo: no texture on the object needed) or from the SfM points on the object; auto: the hull, else what the stereo sees through (the ground and background are background; an object filling the frame), else the points; masks from either of the last two that are implausible are redone from the other")
     grabcut_rounds: int = opt(2, "grabcut: passes; 1 = seeded pass only, each more redoes masks that spill outside the multi-view consensus", bounds="[1, 100]")
     grabcut_iters: int = opt(5, "grabcut: GrabCut iterations per pass", bounds="[1, 100]")
     grabcut_max_side: int = opt(640, "grabcut: downscale the object's region to at most this many pixels for GrabCut", bounds="[16, 65536]")

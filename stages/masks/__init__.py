@@ -2,12 +2,15 @@
 
 Methods (``masks.method``): ``provided`` (masks that came with the dataset, frames/masks/),
 ``rembg`` (an ONNX segmentation model, ``stages.masks.rembg``), ``grabcut`` (no model; seeded from
-the SfM points and refined by multi-view consensus, ``stages.masks.grabcut``), ``none``, and
+the free-space hull, what the stereo sees through or the SfM points, ``stages.masks.seeds``, and
+refined by multi-view consensus, ``stages.masks.grabcut``), ``none``, and
 ``auto`` = provided > rembg when its model is on disk > grabcut. Masks are written one by one
 atomically; a rerun keeps every valid mask already in ``out_dir``. Computed masks are cleaned
 (largest components, holes, dilation: ``stages.masks.post.clean_mask``); provided masks are only
 dilated. Finally a visual hull of all masks flags frames that disagree with the others
-(``stages.masks.post.consistency``).
+(``stages.masks.post.consistency``); for GrabCut masks the plane-sweep stereo judges them too: masks
+the views see the ground through, or whose hull floats above the supporting plane, are implausible
+(``stages.masks.evidence``).
 """
 from __future__ import annotations
 
@@ -25,10 +28,10 @@ from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
 from pipeline.images import IMAGE_SUFFIXES
 from pipeline.log import progress
-import stages.masks.freespace as freespace
+from stages.masks import evidence, seeds
 import stages.masks.post as post
 
-VERSION = "3"
+VERSION = "4"
 WORK_DIR = "_grabcut_work"
 REJECTED_DIR = "rejected_masks"  # computed masks that failed the plausibility check, kept to look at
 MAX_FLAGGED_SHARE = 0.3  # computed masks are rejected when more frames than this disagree with the rest
@@ -183,14 +186,35 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     def bar(it):
         return progress(it, ctx.progress, desc=f"masks ({method})", unit="frame")
 
+    found: dict = {}  # the stereo and the supporting plane, when the method computed them
     summary.update(_compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, todo, final,
-                            finish, bar, out_dir))
-    masks = [post.mask_or_none(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)]
-    if any(m is None for m in masks):
-        raise StageError("masks: some masks were not written; rerun the stage")
-    check_usable(masks, method, provided_dir(frames_dir) if method == "provided" else mask_dir)
-    frames = _consistency(stems, masks, cams, cfg, log)
-    reason = implausible(frames, method, cams is not None)
+                            finish, bar, out_dir, found))
+
+    def judge() -> tuple[list[dict], str | None]:
+        masks = [post.mask_or_none(mask_dir / f"{s}.png", shapes[i]) for i, s in enumerate(stems)]
+        if any(m is None for m in masks):
+            raise StageError("masks: some masks were not written; rerun the stage")
+        check_usable(masks, method, provided_dir(frames_dir) if method == "provided" else mask_dir)
+        frames, gap = _consistency(stems, masks, cams, cfg, log, found.get("stereo"), found.get("plane"))
+        summary.pop("float_gap", None)
+        if gap is not None:
+            summary["float_gap"] = round(gap, 4)
+        return frames, implausible(frames, method, cams is not None, gap)
+
+    frames, reason = judge()
+    other = seeds.can_retry(summary.get("seed"), found) if method == "grabcut" else None
+    if reason and other:
+        log.warning("masks: the masks seeded from %s are implausible (%s); redoing them seeded from %s",
+                    seeds.NAMES[summary["seed"]], reason, seeds.NAMES[other])
+        for p in mask_dir.glob("*.png"):
+            p.unlink()
+        todo = list(range(len(stems)))
+        summary.update(seeds.grabcut(cfg, ctx, lambda i: load_rgb(paths[i]), sfm_dir, stems, shapes, cams, todo,
+                                     {s: None for s in stems}, finish, bar, out_dir / WORK_DIR, found, seed=other),
+                       retried={"seed": summary["seed"], "reason": reason})
+        frames, reason = judge()
+        if reason:
+            reason += f"; seeded from {seeds.NAMES[summary['retried']['seed']]} before: {summary['retried']['reason']}"
     if reason and cfg.implausible == "fail":
         raise StageError(f"masks: the {method} masks are implausible ({reason}); give masks (a dataset with "
                          "masks, or a rembg model), or --set masks.implausible=scene to train in scene mode")
@@ -211,8 +235,10 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
 
 
 def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, todo, final, finish, bar,
-             out_dir) -> dict:
-    """Produce the missing masks with ``method``; returns method details for masks.json."""
+             out_dir, found: dict) -> dict:
+    """Produce the missing masks with ``method``; returns method details for masks.json. GrabCut with
+    cameras leaves its stereo (``stereo``) and supporting plane (``plane``) in ``found`` for the
+    checks, also when every mask is reused."""
     if method == "provided":
         src = provided_dir(frames_dir)
         missing = [stems[i] for i in todo if not (src / f"{stems[i]}.png").is_file()]
@@ -238,34 +264,8 @@ def _compute(method, cfg, ctx, frames_dir, sfm_dir, stems, paths, shapes, cams, 
             info["model_sha256"] = sha256_file(local)
         return info
     if method == "grabcut":
-        import stages.masks.grabcut as masks_grabcut
-
-        obj = span = np.zeros((0, 3))
-        seed_hull, info = None, {}
-        if todo and cams is not None:
-            points = masks_grabcut.load_points(sfm_dir, cams, ctx.log)
-            if cfg.seed in ("auto", "freespace"):
-                seed_hull, info["freespace"] = freespace.object_hull(lambda i: load_rgb(paths[i]), cams, points,
-                                                                     ctx.log, ctx.threads or os.cpu_count() or 1)
-                if seed_hull is None and cfg.seed == "freespace":
-                    raise StageError(f"masks: no free-space hull ({info['freespace']['reason']}); "
-                                     "try --set masks.seed=points")
-                if seed_hull is None:
-                    ctx.log.warning("masks: no free-space hull (%s); seeding GrabCut from the SfM points",
-                                    info["freespace"]["reason"])
-            if seed_hull is not None:
-                obj = span = points[seed_hull.contains(points)] if len(points) else points
-            else:
-                obj, span = masks_grabcut.select_object_points(points, cams, log=ctx.log)
-        work = out_dir / WORK_DIR
-        info.update(seed="freespace" if seed_hull is not None else "points", seed_points=int(len(obj)),
-                    rounds=int(cfg.grabcut_rounds), repaired=0)
-        if todo:
-            info.update(masks_grabcut.compute(stems, lambda i: load_rgb(paths[i]), shapes, cams, obj, cfg, work,
-                                              final, finish, ctx.log, bar, ctx.threads or os.cpu_count() or 1,
-                                              hull_pts=span, seed_hull=seed_hull))
-        shutil.rmtree(work, ignore_errors=True)
-        return info
+        return seeds.grabcut(cfg, ctx, lambda i: load_rgb(paths[i]), sfm_dir, stems, shapes, cams, todo, final, finish,
+                             bar, out_dir / WORK_DIR, found)
     raise StageError(f"masks: unknown method {method!r}")
 
 
@@ -320,8 +320,12 @@ def fallbacks(cfg: Any, summary: dict) -> list[str]:
     if cfg.method == "auto" and summary.get("fallback", {}).get("from", summary["method"]) == "grabcut":
         out.append(f"no rembg model on disk ({model_file(cfg.model)}): model-free GrabCut masks")
     hull = summary.get("freespace") or {}
-    if summary.get("seed") == "points" and hull.get("reason"):
-        out.append(f"free-space hull refused ({hull['reason']}): GrabCut seeded from the SfM points")
+    first = summary.get("retried", {}).get("seed", summary.get("seed"))
+    if first in ("points", "seen_through") and hull.get("reason"):
+        out.append(f"free-space hull refused ({hull['reason']}): GrabCut seeded from {seeds.NAMES[first]}")
+    if "retried" in summary:
+        out.append(f"the masks seeded from {seeds.NAMES[summary['retried']['seed']]} were implausible "
+                   f"({summary['retried']['reason']}): redone seeded from {seeds.NAMES[summary['seed']]}")
     if "fallback" in summary:
         fb = summary["fallback"]
         out.append(f"the {fb['from']} masks are implausible ({fb['reason']}): set aside in {fb['masks']}/, "
@@ -345,17 +349,28 @@ def check_usable(masks: list[np.ndarray], method: str, mask_dir: Path) -> None:
                      "masks.method=rembg|grabcut, or --set masks.method=none for scene mode")
 
 
-def implausible(frames: list[dict], method: str, with_cameras: bool) -> str | None:
+def implausible(frames: list[dict], method: str, with_cameras: bool, float_gap: float | None = None) -> str | None:
     """Why computed masks cannot be trusted, or None: with cameras, no silhouette consensus (a
     visual hull) can be carved from them at all; more than MAX_FLAGGED_SHARE of the frames
     disagree with it (a wrong segmentation is rarely consistent across an orbit); or in more
     than MAX_OFF_CENTRE_SHARE of the frames the mask lies off the point the cameras converge on
-    (consistently wrong masks: a blob on the ground beside a textureless object). Provided
-    masks are the user's word and are only reported."""
+    (consistently wrong masks: a blob on the ground beside a textureless object). With stereo
+    (``evidence``): the views see the ground through more than MAX_SEEN_THROUGH of the masks'
+    inside on average (masks on the ground, not on a textureless object), or the masks' hull
+    stops more than MAX_FLOAT of its height above the supporting plane (``float_gap``: the parts
+    the object stands on, thin legs, are missing). Provided masks are the user's word and are
+    only reported."""
     if method == "provided" or len(frames) < 3:
         return None
     if with_cameras and not any("outside_consensus" in f for f in frames):
         return "no silhouette consensus (visual hull) can be carved from them"
+    seen = [f["seen_through"] for f in frames if f.get("seen_through") is not None]
+    if seen and float(np.mean(seen)) > evidence.MAX_SEEN_THROUGH:
+        return (f"the views see the ground through {np.mean(seen):.0%} of the masks' inside on average (more than "
+                f"{evidence.MAX_SEEN_THROUGH:.0%}): they cover the ground, not the object")
+    if float_gap is not None and float_gap > evidence.MAX_FLOAT:
+        return (f"their visual hull stops {float_gap:.0%} of its height above the supporting plane (more than "
+                f"{evidence.MAX_FLOAT:.0%}): what the object stands on, thin legs say, is missing")
     flagged = sum(1 for f in frames if f["flags"])
     if flagged > MAX_FLAGGED_SHARE * len(frames):
         return f"{flagged} of {len(frames)} frames disagree with the others (more than {MAX_FLAGGED_SHARE:.0%})"
@@ -367,8 +382,9 @@ def implausible(frames: list[dict], method: str, with_cameras: bool) -> str | No
     return None
 
 
-def _consistency(stems, masks, cams: Cameras | None, cfg, log) -> list[dict]:
-    """Per-frame coverage and disagreement flags, on masks downscaled to CONSISTENCY_SIDE."""
+def _consistency(stems, masks, cams: Cameras | None, cfg, log, st=None, plane=None) -> tuple[list[dict], float | None]:
+    """Per-frame coverage and disagreement flags, on masks downscaled to CONSISTENCY_SIDE, with the
+    share the stereo ``st`` sees through; and the consensus hull's float gap above ``plane``."""
     import cv2
 
     small, scaled = masks, cams
@@ -381,8 +397,15 @@ def _consistency(stems, masks, cams: Cameras | None, cfg, log) -> list[dict]:
             K = cams.K.copy()
             K[:, :2] *= s
             scaled = Cameras(cams.names, K, cams.c2w, small[0].shape[1], small[0].shape[0])
-    recs = post.consistency(small, scaled, res=int(cfg.consistency_res))
+    hull = post.consensus_hull(small, scaled, res=int(cfg.consistency_res))
+    recs = post.consistency(small, scaled, res=int(cfg.consistency_res), hull=hull)
     frames = [{"name": s, "file": f"masks/{s}.png", **r} for s, r in zip(stems, recs)]
+    if st is not None:
+        for f, share in zip(frames, evidence.seen_through(masks, st)):
+            if share is not None:
+                f["seen_through"] = round(share, 4)
+                if share > evidence.FRAME_MAX:
+                    f["flags"].append("seen_through")
     if scaled is not None:
         for f, offset in zip(frames, post.centre_offsets(small, scaled)):
             f["centre_offset"] = round(offset, 4) if np.isfinite(offset) else None
@@ -392,4 +415,4 @@ def _consistency(stems, masks, cams: Cameras | None, cfg, log) -> list[dict]:
     if bad:
         log.warning("masks: %d frames disagree with the others (%s): %s", len(bad),
                     "see masks.json flags", ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
-    return frames
+    return frames, evidence.float_gap(hull, plane, cams) if cams is not None else None

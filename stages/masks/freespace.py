@@ -251,9 +251,19 @@ def _component(occ: np.ndarray, lo: np.ndarray, voxel: float, target: np.ndarray
     return lab == max(near, key=lambda c: sizes[c])
 
 
-def object_hull(images, cams: Cameras, points: np.ndarray, log: logging.Logger,
-                threads: int = 1) -> tuple[Hull | None, dict]:
-    """The object's hull (or None, with the reason in the info dict)."""
+@dataclass
+class Stereo:
+    """The depth maps of ``views`` (ground pixels snapped to ``plane``) around ``target``."""
+    views: list[int]
+    maps: list[DepthMap]
+    plane: tuple | None  # (n, d) with n.x + d > 0 on the cameras' side
+    target: np.ndarray
+    radius: float  # framed radius
+    info: dict
+
+
+def stereo(images, cams: Cameras, points: np.ndarray, threads: int = 1) -> tuple[Stereo | None, dict]:
+    """Depth maps of up to MAX_VIEWS views and the supporting plane (or None, with the reason)."""
     target = look_at_point(cams)
     radius = framed_radius(cams, target)
     views = sorted(range(len(cams)), key=lambda i: (i * 0.6180339887) % 1.0)[:MAX_VIEWS]
@@ -271,6 +281,33 @@ def object_hull(images, cams: Cameras, points: np.ndarray, log: logging.Logger,
         snap_to_plane(maps, plane)
     info: dict = {"views": len(views), "framed_radius": round(radius, 6), "plane": source if plane else None,
                   "textured_share": round(float(np.mean([np.isfinite(m.inv_depth).mean() for m in maps])), 4)}
+    return Stereo(views, maps, plane, target, radius, info), dict(info)
+
+
+def add_views(st: Stereo, images, cams: Cameras, views, threads: int = 1) -> None:
+    """Depth maps (snapped to the plane) for the ``views`` that ``st`` lacks, added to it (GrabCut
+    seeded from what the stereo sees through needs one in every view, past MAX_VIEWS too)."""
+    new = sorted(set(views) - set(st.views))
+    if not new:
+        return
+    maps = depth_maps(images, cams, new, st.target, st.radius, threads)
+    if st.plane is not None:
+        snap_to_plane(maps, st.plane)
+    st.views.extend(new)
+    st.maps.extend(maps)
+
+
+def object_hull(images, cams: Cameras, points: np.ndarray, log: logging.Logger,
+                threads: int = 1, st: Stereo | None = None) -> tuple[Hull | None, dict]:
+    """The object's hull (or None, with the reason in the info dict), carved from ``st`` (computed
+    here when not given)."""
+    if st is None:
+        st, info = stereo(images, cams, points, threads)
+        if st is None:
+            return None, info
+    info = dict(st.info)
+    maps, plane, target, radius, views = st.maps, st.plane, st.target, st.radius, st.views
+    source = info["plane"]
     nearest = float(np.linalg.norm(cams.centers - target, axis=1).min())
     reach = min(REGION * radius, 0.8 * nearest)  # an object cut by the frame border is larger than the framed ball
     lo, size = target - reach, 2.0 * reach

@@ -252,12 +252,28 @@ def hull_trimap(sil: np.ndarray, obj_pts: np.ndarray, cams: Cameras, i: int) -> 
     return _border_background(tri)
 
 
+def seen_trimap(seen: np.ndarray, band: int) -> np.ndarray | None:
+    """Pass-0 trimap from what the stereo sees through (``seen``: the ground or the background):
+    those pixels are background (sure where more than ``band`` pixels from the rest: the stereo
+    window straddles the object's edge), everything else probable foreground."""
+    if (~seen).sum() < 16 or not seen.any():
+        return None
+    tri = np.full(seen.shape, GC_PR_FGD, np.uint8)
+    tri[seen] = GC_PR_BGD
+    tri[post.erode(seen, band)] = GC_BGD
+    return _border_background(tri)
+
+
 def _seed_mask(i: int, load_image, shape, cams: Cameras | None, obj_pts: np.ndarray, cfg,
-               hull_pts: np.ndarray | None = None, seed_hull: post.Hull | None = None) -> np.ndarray:
-    """Pass 0: GrabCut seeded from the free-space hull's silhouette, else from the projected
-    object points (a centred box without either)."""
+               hull_pts: np.ndarray | None = None, seed_hull: post.Hull | None = None,
+               seen: tuple[dict, int] | None = None) -> np.ndarray:
+    """Pass 0: GrabCut seeded from the free-space hull's silhouette, else from what the stereo sees
+    through (``seen``: per view a map and the edge band), else from the projected object points (a
+    centred box without any)."""
     tri = None
-    if seed_hull is not None:
+    if seen is not None and i in seen[0]:
+        tri = seen_trimap(seen[0][i], seen[1])
+    elif seed_hull is not None:
         tri = hull_trimap(post.silhouette(seed_hull, cams, i, shape), obj_pts, cams, i)
     elif cams is not None and len(obj_pts) >= 3:
         tri = seed_trimap(obj_pts, cams, i, shape, hull_pts)
@@ -296,19 +312,20 @@ def for_each_frame(work: Callable[[int], None], frames: list[int], bar, threads:
 def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: Cameras | None,
             obj_pts: np.ndarray, cfg, work_dir: Path, final: dict[str, np.ndarray | None],
             save_final: Callable[[str, np.ndarray], None], log: logging.Logger, bar=iter,
-            threads: int = 1, hull_pts: np.ndarray | None = None, seed_hull: post.Hull | None = None) -> dict:
+            threads: int = 1, hull_pts: np.ndarray | None = None, seed_hull: post.Hull | None = None,
+            seen: tuple[dict, int] | None = None) -> dict:
     """Run all passes. ``final[stem]`` holds already finished masks (None = to compute);
     ``save_final`` writes a finished mask. Intermediate masks live in ``work_dir/pass<k>/``.
     ``threads`` frames are segmented at once."""
     rounds = max(1, int(cfg.grabcut_rounds))
     todo = {s for s, m in final.items() if m is None}
-    if seed_hull is None and (cams is None or len(obj_pts) < 3):
+    if seed_hull is None and seen is None and (cams is None or len(obj_pts) < 3):
         log.warning("masks: grabcut has no cameras or SfM points to seed from; using a centred box")
     prev: list[np.ndarray | None] | None = None
     stats: dict = {}
 
     def seed(i: int) -> np.ndarray:
-        return _seed_mask(i, load_image, shapes[i], cams, obj_pts, cfg, hull_pts, seed_hull)
+        return _seed_mask(i, load_image, shapes[i], cams, obj_pts, cfg, hull_pts, seed_hull, seen)
 
     for k in range(rounds):
         last = k == rounds - 1

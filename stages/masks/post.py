@@ -253,13 +253,19 @@ def silhouette(hull: Hull, cams: Cameras, i: int, shape: tuple[int, int]) -> np.
     return fill_holes(out > 0)
 
 
+def consensus_hull(masks: list[np.ndarray], cams: Cameras | None, res: int = 64) -> Hull | None:
+    """The tolerant visual hull that ``consistency`` judges the masks by (None without one)."""
+    return visual_hull(masks, cams, res=res, tol=0.25) if cams is not None and len(masks) >= 3 else None
+
+
 def consistency(masks: list[np.ndarray], cams: Cameras | None, res: int = 64,
-                outside_thresh: float = 0.1, coverage_ratio: float = 2.0) -> list[dict]:
+                outside_thresh: float = 0.1, coverage_ratio: float = 2.0, hull: Hull | None = None) -> list[dict]:
     """Per-frame coverage and flags: coverage far from the median, or mask pixels outside the
-    silhouette consensus (visual hull of all masks reprojected)."""
+    silhouette consensus (visual hull of all masks reprojected; ``hull``, else carved here)."""
     cover = np.array([float(m.mean()) for m in masks])
     med = float(np.median(cover)) if len(cover) else 0.0
-    hull = visual_hull(masks, cams, res=res, tol=0.25) if cams is not None and len(masks) >= 3 else None
+    if hull is None:
+        hull = consensus_hull(masks, cams, res)
     out = []
     for i, m in enumerate(masks):
         rec: dict = {"coverage": round(float(cover[i]), 5), "flags": []}
