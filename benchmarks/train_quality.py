@@ -184,7 +184,7 @@ def main(argv=None) -> int:
               "train_wall_seconds": train_wall, "train_seconds": info["wall_seconds"], "summary": summary,
               "peak_gpu_memory_gb": info["peak_gpu_memory_gb"], "samples_per_second": info["samples_per_second"],
               "holdout_psnr": info["holdout_psnr"], "train_psnr": info["train_psnr"], "quality": quality,
-              "timeline": info.get("timeline", []),
+              "timeline": info.get("timeline", []), "compile_cache": info.get("compile_cache"),
               "config": {k: v for k, v in vars(cfg).items()}}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 # CI has no network beyond package registries: never wait on a model download (the tests of
 # downloads clear it, against a local server)
 os.environ.setdefault("MESHPIPE_OFFLINE", "1")
+# compiled graphs of the tests go to a folder of this run, not the user's cache (~/.cache/meshpipe)
+os.environ.setdefault("MESHPIPE_COMPILE_CACHE", tempfile.mkdtemp(prefix="meshpipe_compile_"))
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "benchmarks") not in sys.path:  # benchmark harnesses that tests drive at CI size

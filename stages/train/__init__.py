@@ -2,7 +2,8 @@
 coarse-to-fine, NeuS rendering) from sfm/ images, masks/ and sfm_points/.
 
 Outputs in the stage folder: ``checkpoints/step_XXXXXXXX.pt`` (last 2), ``model.pt``, ``tb/``
-(TensorBoard) and ``train.json``. A rerun in the same folder resumes from the latest
+(TensorBoard) and ``train.json``. Compiled graphs and kernels are kept across runs in one cache
+folder (``stages.train.compile_cache``; not part of the key). A rerun in the same folder resumes from the latest
 checkpoint. For the mesh stage: ``load_sdf(model_dir, device)`` returns a callable SDF on
 unit-sphere points (``.world(...)`` for world points, ``.unit_to_world`` similarity) and
 ``load_color`` a colour query. Heavy imports happen inside the functions.
@@ -21,6 +22,9 @@ def run(inputs: dict[str, Path], cfg, out_dir: Path, ctx) -> dict:
     (``stages.train.ddp.launch``), each of which runs ``stages.train.stage.run_stage``."""
     if cfg.gpus < 1:
         raise ConfigError(f"train.gpus must be at least 1, got {cfg.gpus}")
+    from stages.train.compile_cache import configure
+
+    configure(ctx.log)  # before the first compile; torchrun's ranks inherit it
     if cfg.gpus > 1:
         from stages.train.ddp import launch
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.fsutil import atomic_write_json
-from stages.train import checkpoint, loop
+from stages.train import checkpoint, compile_cache, loop
 from stages.train.data import load_scene, split_views
 from stages.train.losses import psnr
 from stages.train.query import render_image
@@ -126,4 +126,5 @@ def summarise(run: loop.Run, progress: loop.Progress, holdout: dict, held, scene
             "compiled": run.compiled, "device": str(device), "mode": "object" if run.object_mode else "scene",
             "nonfinite_recoveries": progress.nonfinite, "lr_scale": progress.lr_scale,
             "train_views": len(run.sampler.view_ids), "holdout_views": [scene.names[v] for v in held],
-            "history": hist, "timeline": progress.timeline, **holdout}
+            "history": hist, "timeline": progress.timeline, **holdout,
+            "compile_cache": compile_cache.stats() if run.compiled else None}
