@@ -22,9 +22,6 @@ def run(inputs: dict[str, Path], cfg, out_dir: Path, ctx) -> dict:
     (``stages.train.ddp.launch``), each of which runs ``stages.train.stage.run_stage``."""
     if cfg.gpus < 1:
         raise ConfigError(f"train.gpus must be at least 1, got {cfg.gpus}")
-    from stages.train.compile_cache import configure
-
-    configure(ctx.log)  # before the first compile; torchrun's ranks inherit it
     if cfg.gpus > 1:
         from stages.train.ddp import launch
 

@@ -82,6 +82,7 @@ def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None, comm=None, versi
     version, recorded in ``model.pt``."""
     out_dir = Path(out_dir)
     log, device = ctx.log, resolve_device(ctx.device)
+    compile_cache.configure(log)  # before the first compile, in every rank
     if ctx.threads and device.type == "cpu":
         torch.set_num_threads(int(ctx.threads))
     seed_everything(cfg.seed)
