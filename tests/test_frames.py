@@ -260,6 +260,26 @@ def test_photos_exif_orientation_and_order(tmp_path):
     assert meta["frames"][0]["sharpness"] > 0
 
 
+def test_dark_photos_of_a_moving_view_are_not_repeats(tmp_path, caplog):
+    """A dark capture (texture at 4..20 of 255, like a dark object on a dark ground) moves by a
+    few grey levels between views: every view is kept, while a true repeat is still dropped."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    import cv2
+
+    base = (texture(7, W + 80, H + 80) * (16 / 255) + 4).astype(np.uint8)
+    shots = [view(base, 3 * i) for i in range(8)]
+    thumbs = [cv2.resize(cv2.cvtColor(s, cv2.COLOR_RGB2GRAY), (64, 64), interpolation=cv2.INTER_AREA) / 255.0
+              for s in shots]
+    assert max(float(np.abs(a - b).mean()) for a, b in zip(thumbs, thumbs[1:])) < 0.01  # unstretched: "repeats"
+    for i, img in enumerate([*shots, shots[3]]):
+        write_photo(folder / f"p{i}.png", img)
+    with caplog.at_level(logging.WARNING):
+        summary, meta = run_stage(tmp_path, "images", folder)
+    assert [f["source_file"] for f in meta["frames"]] == [f"p{i}.png" for i in range(8)]
+    assert "p8.png (= p3.png)" in caplog.text
+
+
 def test_photos_downscaled_to_max_side(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -3,6 +3,7 @@ triangulation, explicit failures on bad input, resume, and the real skull photo 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -110,6 +111,21 @@ def test_orbit_registers_every_frame_accurately(orbit, tmp_path, mapper, kind):
     rec = pycolmap.Reconstruction(tmp_path / "sfm" / "sparse")
     assert {c.model_name for c in rec.cameras.values()} == {"PINHOLE"} and rec.num_reg_images() == ORBIT_VIEWS
     assert not (tmp_path / "sfm" / sfm.WORK).exists()
+
+
+def test_a_dark_capture_is_extracted_again_more_sensitively(orbit, tmp_path, caplog):
+    """The orbit at a tenth of its contrast (grey 6..31, a dark object on a dark ground): the first
+    SIFT pass finds few features a frame, so the stage halves the peak threshold until it has
+    enough, records it, and registers every frame; the orbit as rendered is extracted once."""
+    dark = [(p.name, (np.asarray(Image.open(p).convert("RGB")) * 0.1 + 6).astype(np.uint8))
+            for p in orbit_images(orbit)]
+    frames = make_frames(tmp_path / "frames", dark, "images")
+    with caplog.at_level(logging.INFO):
+        summary = run_sfm(frames, FAST, tmp_path / "sfm")
+    assert summary["peak_threshold"] < FAST.peak_threshold and "extracting again" in caplog.text
+    assert summary["num_registered"] == ORBIT_VIEWS
+    bright = run_sfm(make_frames(tmp_path / "frames2", orbit_images(orbit), "images"), FAST, tmp_path / "sfm2")
+    assert bright["peak_threshold"] == FAST.peak_threshold
 
 
 def test_principal_point_offset_is_refined(orbit, tmp_path):

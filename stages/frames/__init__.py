@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.fsutil import atomic_write_json
 from stages.frames.images import copy_ground_truth, remove_stale_images, remove_temp_files
 
-VERSION = "1"
+VERSION = "2"
 
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:

@@ -12,6 +12,7 @@ from pipeline.fsutil import atomic_file
 
 SHARPNESS_SIDE = 512  # sharpness is measured on a grey copy whose long side is at most this
 THUMB_SIDE = 64  # near-duplicate test: mean abs difference of THUMB_SIDE^2 grey thumbnails
+MIN_THUMB_RANGE = 16.0  # grey levels: a flatter thumbnail is stretched less (noise stays noise)
 MIN_TEXTURE_STD = 2.0  # a frame whose grey std (0..255) is below this is blank (black, fade)
 
 
@@ -35,11 +36,14 @@ def measure_grey(grey: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def compute_thumbnail(small_grey: np.ndarray) -> np.ndarray:
-    """A THUMB_SIDE x THUMB_SIDE float32 grey thumbnail in 0..1 for near-duplicate tests."""
+    """A THUMB_SIDE x THUMB_SIDE float32 grey thumbnail for near-duplicate tests, its 1st..99th
+    percentile stretched to 0..1: a dark capture (a dark object on a dark ground) differs from view
+    to view by a few grey levels, under the threshold unstretched, and lost a view in four."""
     import cv2
 
-    thumb = cv2.resize(small_grey, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA)
-    return thumb.astype(np.float32) / 255.0
+    thumb = cv2.resize(small_grey, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    lo, hi = np.percentile(thumb, (1, 99))
+    return np.clip((thumb - lo) / max(float(hi - lo), MIN_THUMB_RANGE), 0.0, 1.0)
 
 
 def is_duplicate(thumb: np.ndarray, last: np.ndarray | None, threshold: float) -> bool:

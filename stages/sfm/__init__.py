@@ -21,7 +21,7 @@ from stages.sfm.steps import (MIN_FRAMES, WORK, check_features, check_registrati
                               match_all, prepare_work, publish_undistorted, read_frames, resolve_matcher, timed,
                               write_outputs)
 
-VERSION = "3"  # 3: transforms.json has aabb_scale (and mask_path for a dataset's masks)
+VERSION = "4"  # 4: a weak feature set is extracted again, more sensitive (colmap.extract_enough)
 
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
@@ -44,9 +44,10 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     db = prepare_work(work, ctx)
     with timed(ctx, "extract", timings, f"SIFT features of {len(names)} frames", cpu):
         if not (work / "extract.done").exists():
-            sc.extract(db, image_dir, names, cfg, ctx, cfg.camera_model)
+            peak = sc.extract_enough(db, image_dir, names, cfg, ctx, cfg.camera_model)
             sc.reset_implausible_focal(db, ctx)
-            (work / "extract.done").touch()
+            (work / "extract.done").write_text(f"{peak!r}\n")
+    peak = float((work / "extract.done").read_text() or cfg.peak_threshold)
     counts = sc.feature_counts(db)
     check_features(names, counts)
     matcher = resolve_matcher(cfg.matcher, source_kind)
@@ -67,7 +68,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
         "known_cameras": False, "matcher": matcher, "num_pairs": len(pairs), "num_verified_pairs": verified,
         **mapping, "camera_model": cfg.camera_model, "distorted_cameras": distorted, "final_ba": ba_report,
         "device": str(sc.colmap_device(ctx)).split(".")[-1],
-        "features_median": int(sorted(counts.values())[len(counts) // 2]) if counts else 0,
+        "peak_threshold": peak, "features_median": int(sorted(counts.values())[len(counts) // 2]) if counts else 0,
         "threads": sc.cores(ctx),
     }, mask_dir=dataset_masks(frames_dir))
     shutil.rmtree(work, ignore_errors=True)
