@@ -17,11 +17,11 @@ from typing import Any
 
 from pipeline.dag import Context
 from pipeline.errors import StageError
-from stages.sfm.steps import (MIN_FRAMES, WORK, check_features, check_registration, dataset_masks, map_with_fallback,
-                              match_all, prepare_work, publish_undistorted, read_frames, resolve_matcher, timed,
-                              write_outputs)
+from stages.sfm.steps import (MIN_FRAMES, WORK, check_features, check_registration, dataset_masks, extract_enough,
+                              map_with_fallback, match_all, prepare_work, publish_undistorted, read_frames,
+                              resolve_matcher, timed, write_outputs)
 
-VERSION = "4"  # 4: a weak feature set is extracted again, more sensitive (colmap.extract_enough)
+VERSION = "4"  # 4: a weak feature set is extracted again, more sensitive (steps.extract_enough)
 
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
@@ -44,7 +44,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     db = prepare_work(work, ctx)
     with timed(ctx, "extract", timings, f"SIFT features of {len(names)} frames", cpu):
         if not (work / "extract.done").exists():
-            peak = sc.extract_enough(db, image_dir, names, cfg, ctx, cfg.camera_model)
+            peak = extract_enough(db, image_dir, names, cfg, ctx, cfg.camera_model)
             sc.reset_implausible_focal(db, ctx)
             (work / "extract.done").write_text(f"{peak!r}\n")
     peak = float((work / "extract.done").read_text() or cfg.peak_threshold)

@@ -33,6 +33,33 @@ def match_all(db: Path, names: list[str], matcher: str, cfg: Any, work: Path, ct
     return pairs
 
 
+WEAK_FEATURES = 300  # a median below this many keypoints per frame: extract again, more sensitive
+PEAK_STEPS = 2  # at most two halvings of the peak threshold (down to a quarter)
+
+
+def extract_enough(db: Path, image_dir: Path, names: list[str], cfg: Any, ctx: Context,
+                   camera_model: str) -> float:
+    """``extract``, then, while the median frame has fewer than WEAK_FEATURES keypoints, again from
+    an empty database with half the SIFT peak threshold (at most PEAK_STEPS times). SIFT's
+    responses scale with image contrast, so a dark or low-contrast capture (a dark object on a
+    dark ground: ~80 keypoints a frame at 320x240, 8 of 24 frames registered) is what this
+    lifts; a capture with enough features is extracted once, as configured. Returns the threshold used."""
+    from stages.sfm.colmap import extract, feature_counts
+
+    threshold = cfg.peak_threshold
+    for step in range(PEAK_STEPS + 1):
+        extract(db, image_dir, names, cfg, ctx, camera_model, peak_threshold=threshold)
+        counts = sorted(feature_counts(db).values())
+        median = counts[len(counts) // 2] if counts else 0
+        if median >= WEAK_FEATURES or step == PEAK_STEPS:
+            return threshold
+        ctx.log.info("sfm: the median frame has %d SIFT features (under %d: low contrast?); extracting "
+                     "again with peak threshold %.4g", median, WEAK_FEATURES, threshold / 2)
+        threshold /= 2
+        db.unlink()
+    return threshold
+
+
 def map_with_fallback(db: Path, image_dir: Path, work: Path, names: list[str], cfg: Any,
                       ctx: Context) -> tuple[Any, dict]:
     """Map with ``cfg.mapper``; if it leaves frames out and ``cfg.fallback_mapper``, also map with
