@@ -35,12 +35,15 @@ def grabcut(cfg, ctx, images, sfm_dir: Path, stems, shapes, cams, todo, final, f
     if cams is not None:
         if "points" not in found:
             points = found["points"] = masks_grabcut.load_points(sfm_dir, cams, ctx.log)
-            found["plane"] = supporting_plane(points, cams, freespace.PLANE_TOL * orbit_distance(cams))
+            st = None
             if cfg.seed in ("auto", "freespace"):
                 st, found["freespace"] = freespace.stereo(images, cams, points, threads)
                 if st is not None:
-                    found.update(stereo=st, plane=st.plane)
+                    found["stereo"] = st
                     found["hull"], found["freespace"] = freespace.object_hull(None, cams, points, ctx.log, st=st)
+            # the stereo fitted the plane (to these points, else to its own); without it, the points' plane
+            found["plane"] = st.plane if st is not None else \
+                supporting_plane(points, cams, freespace.PLANE_TOL * orbit_distance(cams))
         points = found["points"]
         if "freespace" in found:
             info["freespace"] = found["freespace"]
