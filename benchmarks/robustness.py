@@ -186,7 +186,8 @@ def measure_metrics(dirs: dict[str, Path]) -> dict:
     if not geo.get("available"):
         return {}
     f = max(geo.get("fscores", []), key=lambda s: s["tau_pct"], default=None)
-    return {"chamfer_pct": geo.get("chamfer_l1_pct"), "fscore": f and f["fscore"], "f_tau_pct": f and f["tau_pct"]}
+    return {"chamfer_pct": geo.get("chamfer_l1_pct"), "fscore": f and f["fscore"], "f_tau_pct": f and f["tau_pct"],
+            "surface_chamfer_pct": geo.get("surface", {}).get("chamfer_l1_pct")}
 
 
 # ---------------------------------------------------------------- references

@@ -59,12 +59,13 @@ def main(argv=None) -> int:
         print(f"not scored: {geo.get('reason')}")
         return 1
     region = geo.get("object_region", {})
-    print("\n| mesh | faces | alignment | Chamfer-L1 % | F@0.5% | F@1% | object-region Chamfer % |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| mesh | faces | alignment | Chamfer-L1 % | F@0.5% | F@1% | object-region Chamfer % | surface Chamfer % |")
+    print("|---|---|---|---|---|---|---|---|")
     f05, f1 = (s["fscore"] for s in geo["fscores"][:2])
     reg = f"{region['chamfer_l1_pct']:.3f}" if region.get("available") else "-"
+    surf = geo.get("surface", {}).get("chamfer_l1_pct")
     print(f"| raw (mesh stage) | {result['faces']:,} | {result['alignment']['method']} | "
-          f"{geo['chamfer_l1_pct']:.3f} | {f05:.3f} | {f1:.3f} | {reg} |")
+          f"{geo['chamfer_l1_pct']:.3f} | {f05:.3f} | {f1:.3f} | {reg} | {'-' if surf is None else f'{surf:.3f}'} |")
     return 0
 
 

@@ -171,6 +171,38 @@ def test_chamfer_of_offset_sphere_equals_offset():
     assert same["chamfer_l1"] < 0.008 and same["fscores"][0]["fscore"] > 0.99
 
 
+def test_surface_distances_match_brute_force_and_have_no_sampling_floor():
+    mesh = trimesh.load(Path(__file__).resolve().parents[1] / "pipeline/assets/spot/spot_triangulated.obj",
+                        force="mesh")
+    v, f = np.asarray(mesh.vertices), np.asarray(mesh.faces)
+    diag = float(np.linalg.norm(v.max(0) - v.min(0)))
+    rng = np.random.default_rng(0)
+    on = np.asarray(trimesh.sample.sample_surface(mesh, 400, seed=4)[0])
+    q = on + rng.normal(scale=0.02 * diag, size=on.shape)
+    tris = v[f]  # reference twin: every point against every triangle
+    ref = np.array([np.linalg.norm(trimesh.triangles.closest_point(tris, np.repeat(x[None], len(tris), 0)) - x,
+                                   axis=1).min() for x in q])
+    np.testing.assert_allclose(M.surface_distances(q, v, f), ref, rtol=0, atol=1e-6 * diag)
+    # the same surface sampled twice: the point-sample Chamfer reads its floor, the surface one ~0
+    a = np.asarray(trimesh.sample.sample_surface(mesh, 100000, seed=1)[0])
+    b = np.asarray(trimesh.sample.sample_surface(mesh, 200000, seed=2)[0])
+    sampled = M.chamfer_fscore(b, a, [0.005 * diag])["chamfer_l1"] / diag
+    surface = M.chamfer_fscore_surface(b, (v, f), a, (v, f), [0.005 * diag])
+    assert sampled > 5e-4  # ~0.12 % of the diagonal
+    assert surface["chamfer_l1"] / diag < 1e-5 and surface["fscores"][0]["fscore"] == 1.0
+
+
+def test_surface_chamfer_of_offset_sphere_equals_offset():
+    r, d = 1.0, 0.05
+    inner = trimesh.creation.icosphere(subdivisions=5, radius=r)
+    outer = trimesh.creation.icosphere(subdivisions=5, radius=r + d)
+    a = trimesh.sample.sample_surface(inner, 20000, seed=1)[0]
+    b = trimesh.sample.sample_surface(outer, 20000, seed=2)[0]
+    out = M.chamfer_fscore_surface(b, (outer.vertices, outer.faces), a, (inner.vertices, inner.faces), [0.5 * d])
+    assert out["accuracy"] == pytest.approx(d, rel=0.01) and out["completeness"] == pytest.approx(d, rel=0.01)
+    assert out["fscores"][0]["fscore"] == 0.0
+
+
 def test_psnr_and_iou_values():
     gt = np.zeros((4, 4))
     assert M.psnr(gt + 0.1, gt) == pytest.approx(20.0)

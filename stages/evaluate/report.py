@@ -74,6 +74,11 @@ def metrics_section(m: dict) -> str:
         rows.append(["Chamfer-L1", geo["chamfer_l1"], f"{geo['chamfer_l1_pct']:.3f} % of GT diagonal"])
         rows.append(["accuracy (mesh → GT)", geo["accuracy"], f"{geo['accuracy_pct']:.3f} %"])
         rows.append(["completeness (GT → mesh)", geo["completeness"], f"{geo['completeness_pct']:.3f} %"])
+        surf = geo.get("surface")
+        if surf:
+            rows.append(["Chamfer-L1 to the surfaces", None,
+                         f"{surf['chamfer_l1_pct']:.3f} % (accuracy {surf['accuracy_pct']:.3f} %, completeness "
+                         f"{surf['completeness_pct']:.3f} %): point-to-surface, no sampling floor"])
         for s in geo["fscores"]:
             rows.append([f"F-score @ {s['tau_pct']:g} % ({s['tau']:.4g})", s["fscore"],
                          f"precision {s['precision']:.3f}, recall {s['recall']:.3f}"])
