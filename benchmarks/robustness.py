@@ -227,9 +227,11 @@ def middlebury_reference(folder: Path):
 
 # ---------------------------------------------------------------- running
 
-def run_cli(images: Path, gt: Path | None, workdir: Path, name: str, args) -> dict:
-    """One CLI run; exit code, wall seconds, the first FAILED/error line; the log is kept."""
-    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--images", str(images), "--workdir", str(workdir),
+def run_cli(images: Path, gt: Path | None, workdir: Path, name: str, args, fmt: str = "") -> dict:
+    """One CLI run (``--images``, or ``--dataset --format fmt``); exit code, wall seconds, the
+    first FAILED/error line; the log is kept."""
+    source = ["--dataset", str(images), "--format", fmt] if fmt else ["--images", str(images)]
+    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "run", *source, "--workdir", str(workdir),
            "--scene", name, "--until", args.until, "--preset", args.preset, "--no-progress"]
     cmd += (["--gt", str(gt)] if gt else []) + (["--device", args.device] if args.device else [])
     cmd += [f"--set={s}" for s in args.set]
@@ -270,7 +272,7 @@ def run_scene(scene: Scene, args) -> dict:
     runs = args.workdir / "runs"
     if args.fresh:
         shutil.rmtree(runs / scene.name, ignore_errors=True)
-    row.update(run_cli(images, gt, runs, scene.name, args))
+    row.update(run_cli(images, gt, runs, scene.name, args, scene.dataset))
     dirs = stage_dirs(runs / scene.name)
     ref_mask, size, centres, gt_c, gt_r = ref or (None, (0, 0), {}, None, None)
     row.update(measure_masks(dirs, ref_mask, size))

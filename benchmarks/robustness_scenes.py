@@ -27,6 +27,7 @@ class Scene:
     spec: dict = field(default_factory=dict)  # SceneSpec overrides
     note: str = ""
     real: str = ""  # folder under --data for real sets
+    dataset: str = ""  # real sets: read as this --dataset --format (the set's own cameras), not --images
 
 
 SCENES = [
@@ -50,6 +51,10 @@ SCENES = [
     Scene("mug_dark", "mug", "plain", colour=(38, 36, 40), note="near-black plain mug"),
     Scene("dino", "real", real="middlebury/dinoSparseRing", note="textureless, 16 photos"),
     Scene("temple", "real", real="middlebury/templeSparseRing", note="textured, 16 photos"),
+    Scene("dino_cams", "real", real="middlebury/dinoSparseRing", dataset="middlebury",
+          note="the dino with its own cameras: masks and bounds without SfM mapping"),
+    Scene("temple_cams", "real", real="middlebury/templeSparseRing", dataset="middlebury",
+          note="the temple with its own cameras"),
     Scene("skull", "real", real="skull/images", note="66 photos, no GT"),
 ]
 BY_NAME = {s.name: s for s in SCENES}

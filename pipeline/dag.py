@@ -39,7 +39,8 @@ GPU_STAGES = ("train", "mesh")
 
 
 # What ``--dataset DIR --format FMT`` reads: one reader each in ``stages/frames/importers/``.
-DATASET_FORMATS = ("neus", "blender", "neuralangelo", "colmap", "omniobject3d_blender", "omniobject3d_video")
+DATASET_FORMATS = ("neus", "blender", "neuralangelo", "colmap", "middlebury", "omniobject3d_blender",
+                   "omniobject3d_video")
 
 
 @dataclass(frozen=True)

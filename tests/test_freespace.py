@@ -22,7 +22,7 @@ from pipeline.config import MaskConfig
 from pipeline.dag import Context
 from pipeline.errors import StageError
 from stages import masks
-from stages.masks import freespace, post, seeds
+from stages.masks import checks, freespace, post, seeds
 
 LOG = logging.getLogger("pipeline")
 
@@ -211,10 +211,10 @@ def test_masks_without_the_legs_float_above_the_supporting_plane(table):
     true = [post.mask_or_none(table["gt"] / "masks" / f"{s}.png") for s in stems]
     legless = [cv2.morphologyEx(m.astype(np.uint8), cv2.MORPH_OPEN, post.disk(4)) > 0 for m in true]
     assert np.mean([post.iou(a, b) for a, b in zip(true, legless)]) < 0.9  # the legs are gone
-    frames, gap = masks._consistency(stems, true, cams, MaskConfig(), LOG, None, plane)
-    assert gap < 0.05 and masks.implausible(frames, "grabcut", True, gap) is None
-    frames, gap = masks._consistency(stems, legless, cams, MaskConfig(), LOG, None, plane)
-    reason = masks.implausible(frames, "grabcut", True, gap)
+    frames, gap = checks.consistency(stems, true, cams, MaskConfig(), LOG, None, plane)
+    assert gap < 0.05 and checks.implausible(frames, "grabcut", True, gap) is None
+    frames, gap = checks.consistency(stems, legless, cams, MaskConfig(), LOG, None, plane)
+    reason = checks.implausible(frames, "grabcut", True, gap)
     assert gap > 0.5 and "above the supporting plane" in reason, (gap, reason)
 
 

@@ -121,6 +121,19 @@ def write_colmap(gt_dir: Path, cams, root: Path, model: str = "PINHOLE") -> Path
     return root
 
 
+def write_middlebury(gt_dir: Path, cams, root: Path) -> Path:
+    """The Middlebury layout: photos and one ``<name>_par.txt`` (count, then file K R t per line)."""
+    root.mkdir(parents=True)
+    lines = [str(NUM_VIEWS)]
+    for i in range(NUM_VIEWS):
+        shutil.copyfile(gt_dir / "images" / f"{i:06d}.png", root / f"toySR{i:04d}.png")
+        w2c = np.linalg.inv(cams.c2w[i])
+        values = np.concatenate([cams.K[i].ravel(), w2c[:3, :3].ravel(), w2c[:3, 3]])
+        lines.append(f"toySR{i:04d}.png " + " ".join(f"{v:.17g}" for v in values))
+    (root / "toySR_par.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
 # ---------------------------------------------------------------- round trips
 
 def test_neus_round_trip(gt, tmp_path):
@@ -153,6 +166,28 @@ def test_neuralangelo_round_trip(gt, tmp_path):
     out, _ = run_import("neuralangelo", write_neuralangelo(gt_dir, tmp_path / "scene"), tmp_path)
     assert_cameras_match(out, cams, None)
     assert "sphere_radius" in load_transforms(out / "transforms.json").extra
+
+
+def test_middlebury_round_trip(gt, tmp_path):
+    gt_dir, cams, _ = gt
+    out, _ = run_import("middlebury", write_middlebury(gt_dir, cams, tmp_path / "toySparseRing"), tmp_path)
+    assert_cameras_match(out, cams, None)
+    assert "sphere_radius" not in load_transforms(out / "transforms.json").extra  # the README box is not read
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: lines[:1] + lines[2:], "says 8 images but 7 lines follow"),
+    (lambda lines: lines[:2] + [lines[2].rsplit(" ", 1)[0]] + lines[3:], "line 3 has 21 fields"),
+    (lambda lines: lines[:1] + [lines[1].replace(" 0 ", " x ", 1)] + lines[2:], "line 2 holds a value that is not"),
+    (lambda lines: lines[:1] + ["../escape.png" + lines[1][len("toySR0000.png"):]] + lines[2:], "names ../escape.png"),
+])
+def test_middlebury_bad_par_file_names_the_line(gt, tmp_path, edit, message):
+    gt_dir, cams, _ = gt
+    root = write_middlebury(gt_dir, cams, tmp_path / "toySparseRing")
+    par = root / "toySR_par.txt"
+    par.write_text("\n".join(edit(par.read_text().splitlines())) + "\n")
+    with pytest.raises(InputError, match=message):
+        run_import("middlebury", root, tmp_path)
 
 
 def test_colmap_round_trip_keeps_model(gt, tmp_path):
