@@ -61,6 +61,16 @@ def generate_scene(workdir: Path, views: int, width: int, height: int, seed: int
     return gt
 
 
+def generate_shape(name: str, workdir: Path, views: int, width: int, height: int) -> Path:
+    """Render (or reuse) a scene of ``benchmarks/robustness_scenes.py`` by name; returns its gt/ folder."""
+    ensure_av_stub()
+    from robustness_scenes import BY_NAME, generate_scene
+
+    if name not in BY_NAME or BY_NAME[name].real:
+        raise SystemExit(f"--shape {name}: not a generated scene of robustness_scenes.py")
+    return generate_scene(BY_NAME[name], workdir / "shapes", views, width, height) / "gt"
+
+
 def train_config(preset: str, overrides: list[str], ablations: list[str], iterations: int | None):
     import dataclasses
 
@@ -141,6 +151,8 @@ def main(argv=None) -> int:
     ap = scene_parser(__doc__, "fast_cpu", 24, 160, 120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scene", choices=["spot", "analytic"], default="spot")
+    ap.add_argument("--shape", default=None, help="a generated scene of robustness_scenes.py instead of spot "
+                    "(exact masks and cameras), e.g. bumpy, mug_plain")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/train_quality"))
     ap.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     ap.add_argument("--set", action="append", default=[], help="train overrides, e.g. --set train.lr=2e-3")
@@ -163,11 +175,12 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.scene}_{args.views}v_{args.width}x{args.height}"
+    tag = f"{args.shape or args.scene}_{args.views}v_{args.width}x{args.height}"
     inputs_root = args.workdir / f"inputs_{tag}"
     t0 = time.perf_counter()
     if args.scene == "spot":
-        gt_dir = generate_scene(args.workdir, args.views, args.width, args.height, args.seed)
+        gt_dir = generate_shape(args.shape, args.workdir, args.views, args.width, args.height) if args.shape \
+            else generate_scene(args.workdir, args.views, args.width, args.height, args.seed)
         if args.generate_only:
             return 0
         shutil.rmtree(inputs_root, ignore_errors=True)
