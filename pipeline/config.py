@@ -222,6 +222,15 @@ class TrainConfig:
     lr_final_ratio: float = opt(0.1, "exp decay: final learning rate / initial", bounds="(0, 1]")
     lr_gamma: float = opt(10.0, "two_steps decay: divide the learning rate by this at each step", bounds="[1, inf)")
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off)", bounds="[0, inf)")
+    # camera refinement
+    refine_cameras: bool = opt(
+        False, "optimise a small pose correction per training view with the SDF (rotation about the camera "
+               "centre + translation, nerfstudio's SO3xR3; zero at the start); held-out views keep their input "
+               "poses; train.json reports the corrections. Off until it measures better: benchmarks/refine_cameras.py")
+    camera_lr: float = opt(1e-3, "refine_cameras: AdamW learning rate of the pose corrections (their own group, no "
+                                 "weight decay; the warm-up and decay of lr apply)", bounds="(0, 1]")
+    camera_start_step: int = opt(0, "refine_cameras: the pose corrections stay at zero before this step",
+                                 bounds="[0, inf)")
     # bookkeeping
     checkpoint_every: int = opt(2000, "write a checkpoint every this many steps (and on SIGTERM)", bounds="[1, inf)")
     log_every: int = opt(100, "TensorBoard scalars, the loss curve in train.json and (without progress bars) a log line every this many steps", bounds="[1, inf)")

@@ -2,11 +2,13 @@
 coarse-to-fine, NeuS rendering) from sfm/ images, masks/ and sfm_points/.
 
 Outputs in the stage folder: ``checkpoints/step_XXXXXXXX.pt`` (last 2), ``model.pt``, ``tb/``
-(TensorBoard) and ``train.json``. Compiled graphs and kernels are kept across runs in one cache
-folder (``stages.train.compile_cache``; not part of the key). A rerun in the same folder resumes from the latest
-checkpoint. For the mesh stage: ``load_sdf(model_dir, device)`` returns a callable SDF on
-unit-sphere points (``.world(...)`` for world points, ``.unit_to_world`` similarity) and
-``load_color`` a colour query. Heavy imports happen inside the functions.
+(TensorBoard) and ``train.json`` (with ``train.refine_cameras``: the training views' pose
+corrections, ``stages.train.cameras``; they are in ``model.pt`` too). Compiled graphs and
+kernels are kept across runs in one cache folder (``stages.train.compile_cache``; not part of
+the key). A rerun in the same folder resumes from the latest checkpoint. For the mesh stage:
+``load_sdf(model_dir, device)`` returns a callable SDF on unit-sphere points (``.world(...)``
+for world points, ``.unit_to_world`` similarity) and ``load_color`` a colour query. Heavy
+imports happen inside the functions.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ and waits (a SIGTERM is passed on; torchrun passes it to the ranks). Every rank 
   all-reduce of a flat buffer per step). A step thus optimises the same loss over the same
   number of rays as on one GPU, so learning rates, schedules and results stay those of one GPU
   (within noise) and a step costs about 1/N. For more rays per step raise ``train.batch_rays``.
+  The camera corrections of ``train.refine_cameras`` are parameters like the others: in the
+  same all-reduce, stepped alike on every rank.
 - The ranks start from rank 0's parameters and apply the same averaged gradients with the same
   optimiser, so the parameters stay bitwise equal (``train.json`` reports the largest difference
   seen at the end); rank 0 computes the occupancy grid and broadcasts it; whether a loss was
@@ -147,7 +149,7 @@ class Comm:
         """Collective check that the ranks ended with the same parameters and occupancy grid."""
         dist = self._dist()
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).float() for p in run.model.parameters()])
+            flat = torch.cat([p.detach().reshape(-1).float() for p in run.parameters()])
             ref = flat.clone()
             dist.broadcast(ref, 0)
             diff = (flat - ref).abs().max().reshape(1).double()

@@ -56,8 +56,8 @@ def sdf_and_gradients(field: Field, x: torch.Tensor, eps: float | torch.Tensor, 
     """SDF (N,), feature (N, D), gradient (N, 3) and Laplacian (N,) (zeros for ``analytic``)."""
     if mode == "analytic":
         training = torch.is_grad_enabled()
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():  # x keeps its own graph when it has one (refined cameras move the samples)
+            xg = x if training and x.requires_grad else x.detach().requires_grad_(True)
             sdf, feat = field(xg)
             grad, = torch.autograd.grad(sdf.sum(), xg, create_graph=training)
         if not training:

@@ -3,6 +3,8 @@ recover from non-finite losses. State lives in :class:`Run`, which ``stages.trai
 with the checkpoints' payload, restore and recovery and the loss record; schedules are pure functions.
 With several ranks (``Run.comm``, see ``stages.train.ddp``) each draws its share of the rays,
 gradients are averaged, rank 0 computes the occupancy grid and writes the checkpoints.
+With ``train.refine_cameras`` each batch's rays are first moved by per-view pose corrections
+(``stages.train.cameras``, eagerly) and enter the step as inputs with gradients.
 
 Speed (benchmarks/step_profile.py): on CUDA rendering + losses are one ``torch.compile`` graph
 (``render_losses``; a step used to be host-bound, 570 small kernels), replayed as CUDA graphs in
@@ -23,6 +25,7 @@ import torch
 from pipeline.errors import StageError
 from pipeline.log import progress_bar
 from stages.train import checkpoint, losses, schedule
+from stages.train.cameras import CameraCorrections
 from stages.train.data import SceneData
 from stages.train.fields import NeuSModel
 from stages.train.render import OccupancyGrid, RenderOptions, render_rays
@@ -92,13 +95,16 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
     backend = resolve_backend(cfg, device)
     model = NeuSModel(cfg, scene_mode=not object_mode, backend=backend).to(device)
     groups = model.param_groups(cfg.lr, cfg.lr_grid_mult, cfg.lr_inv_s_mult)
+    masks = scene.masks[train_views] if object_mode else None
+    sampler = RaySampler(scene.images[train_views], masks, scene.K[train_views], scene.c2w[train_views],
+                         train_views, device)
+    cameras = CameraCorrections(sampler.c2w) if cfg.refine_cameras else None
+    if cameras is not None:
+        groups.append(cameras.param_group(cfg.camera_lr))
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                             fused=FUSED_ADAMW and device.type == "cuda")  # one kernel per group, not a dozen
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    masks = scene.masks[train_views] if object_mode else None
-    sampler = RaySampler(scene.images[train_views], masks, scene.K[train_views], scene.c2w[train_views],
-                         train_views, device)
     opts = RenderOptions(samples=cfg.samples_per_ray, candidates=cfg.ray_candidates,
                          empty_weight=cfg.occ_empty_weight, grad_mode=cfg.gradient_mode,
                          bg_samples=cfg.bg_samples, amp_dtype=dtype)
@@ -108,7 +114,7 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
                t(scene.points, torch.float32), t(scene.view_offsets, torch.long), t(scene.view_indices, torch.long),
                object_mode, backend, compiled, comm=comm,
                loss_fn=torch.compile(render_losses, dynamic=False, mode=step_mode(cfg, device))
-               if compiled and COMPILE_STEP else None)
+               if compiled and COMPILE_STEP else None, cameras=cameras)
 
 
 GRAPH_MIN_STEPS = 10000  # cuda_graphs=auto: capture pays off from ~5500 steps on spot (RESULTS.md)
@@ -158,6 +164,8 @@ def apply_schedules(run: Run, step: int) -> dict[str, float]:
     factor = schedule.lr_factor(step, cfg) * run.progress.lr_scale
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
+        if group["name"] == "cameras" and step < cfg.camera_start_step:
+            group["lr"] = 0.0
     return {"rgb": cfg.rgb_weight, "eikonal": cfg.eikonal_weight,
             "curvature": schedule.curvature_weight(step, cfg, spec) if cfg.gradient_mode != "analytic" else 0.0,
             "mask": cfg.mask_weight if run.object_mode else 0.0, "sfm": schedule.sfm_weight(step, cfg),
@@ -211,10 +219,13 @@ def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
     live = step_scalars(run.device, {k: float(weights[k]) for k in (*names, "eps", "cos_anneal")})
     run.opts.eps, run.opts.cos_anneal = live.pop("eps"), live.pop("cos_anneal")
     mask = batch.mask if run.object_mode else None
+    origins, dirs = batch.origins, batch.dirs
+    if run.cameras is not None:  # eager, before the compiled step: the rays are its inputs, with gradients
+        origins, dirs = run.cameras(origins, dirs, batch.ray_views)
     if run.loss_fn is not None and step_mode(cfg, run.device):
         torch.compiler.cudagraph_mark_step_begin()
     # the occupancy grid is all occupied until its first update (occ_warmup_steps): uniform samples
-    return (run.loss_fn or render_losses)(run.model, batch.origins, batch.dirs, target, mask, bg,
+    return (run.loss_fn or render_losses)(run.model, origins, dirs, target, mask, bg,
                                           *(sfm if sfm is not None else (None, None)), run.occ, run.opts, live)
 
 
@@ -226,7 +237,7 @@ def optimise(run: Run, loss: torch.Tensor, finite: bool = True) -> bool:
     run.optimizer.zero_grad(set_to_none=True)
     if finite:
         (loss if run.scaler is None else run.scaler.scale(loss)).backward()
-    if run.comm is not None and not run.comm.average_grads(list(run.model.parameters()), finite):
+    if run.comm is not None and not run.comm.average_grads(run.parameters(), finite):
         return False
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
@@ -286,12 +297,19 @@ def launch_step(run: Run, step: int, hook: Callable | None = None) -> Launched:
         if hook is not None:
             loss = hook(step, loss)
         terms["loss"] = loss.detach()
+        if run.cameras is not None:
+            terms.update(run.cameras.metrics())  # before the step: the corrections this loss saw
         values = torch.stack([v.float().reshape(()) for v in terms.values()])
         finite = True if run.comm is None else math.isfinite(float(terms["loss"]))
         stepped = optimise(run, loss, finite)
         extra = {"active_levels": weights["active_levels"], "eps": weights["eps"],
-                 "lr": run.optimizer.param_groups[-1]["lr"]}
+                 "lr": mlp_lr(run.optimizer)}
     return Launched(step, tuple(terms), values, extra, stepped)
+
+
+def mlp_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The MLPs' learning rate now (the one the loss curve records as ``lr``)."""
+    return next(g["lr"] for g in optimizer.param_groups if g["name"] == "mlp")
 
 
 def resolve(launched: Launched) -> dict | None:

@@ -19,6 +19,7 @@ class RayBatch:
     rgb: torch.Tensor  # (R, 3) in [0, 1]
     mask: torch.Tensor | None  # (R,) bool, object mode
     views: torch.Tensor  # (V,) indices into the scene's views used by this batch
+    ray_views: torch.Tensor  # (R,) each ray's view as an index into the sampler's views (camera corrections)
 
 
 def camera_rays(K: torch.Tensor, c2w: torch.Tensor, uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,7 @@ class RaySampler:
         origins, dirs = camera_rays(self.K[vr], self.c2w[vr], uv)
         rgb = self.images[vr, row, col].float() / 255.0
         mask = self.masks[vr, flat] if self.masks is not None else None
-        return RayBatch(origins, dirs, rgb, mask, self.view_ids[views])
+        return RayBatch(origins, dirs, rgb, mask, self.view_ids[views], vr)
 
 
 def image_rays(K: np.ndarray, c2w: np.ndarray, width: int, height: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,9 +36,10 @@ def sphere_hits(o: torch.Tensor, d: torch.Tensor, near_min: float = 0.05):
     b = (o * d).sum(-1)
     c = (o * o).sum(-1) - 1.0
     disc = b * b - c
-    sq = torch.sqrt(disc.clamp_min(0.0))
+    inside = disc > 0  # sqrt of 1, not of 0, on a miss: a finite gradient when the rays have one (refine_cameras)
+    sq = torch.where(inside, torch.sqrt(torch.where(inside, disc, torch.ones_like(disc))), torch.zeros_like(disc))
     near, far = (-b - sq).clamp_min(near_min), -b + sq
-    hit = (disc > 0) & (far > near)
+    hit = inside & (far > near)
     zero = torch.zeros_like(near)
     return torch.where(hit, near, zero), torch.where(hit, far, zero), hit
 

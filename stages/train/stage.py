@@ -56,6 +56,8 @@ def save_model(run: loop.Run, scene, out_dir: Path, version: str) -> None:
                "eps": float(run.opts.eps), "scene": {k: scene.scene[k] for k in
                                                      ("sphere_center", "sphere_radius", "world_to_unit", "unit_to_world")},
                "names": list(scene.names), "version": version}
+    if run.cameras is not None:  # the refined poses of the training views: their input poses and these
+        payload["cameras"] = {"views": run.sampler.view_ids.tolist(), "delta": run.cameras.delta.detach().cpu()}
     checkpoint.atomic_torch_save(payload, out_dir / "model.pt")
 
 
@@ -111,6 +113,11 @@ def run_stage(inputs: dict, cfg, out_dir: Path, ctx, hook=None, comm=None, versi
     atomic_write_json(out_dir / "train.json", summary)
     log.info("train: %d steps in %.0f s, PSNR %.2f (held-out %s), inv_s %.0f", progress.step, progress.elapsed,
              summary["train_psnr"], summary["holdout_psnr"], summary["final"].get("inv_s", 0))
+    if run.cameras is not None:
+        cams = summary["camera_refinement"]
+        log.info("train: camera corrections: rotation mean %.3f / max %.3f deg, translation mean %.4f / max %.4f "
+                 "(unit sphere)", cams["rotation_deg_mean"], cams["rotation_deg_max"], cams["translation_mean"],
+                 cams["translation_max"])
     return {k: summary[k] for k in ("iterations", "wall_seconds", "train_psnr", "holdout_psnr", "backend",
                                     "peak_gpu_memory_gb", "samples_per_second", "gpus")}
 
@@ -128,4 +135,6 @@ def summarise(run: loop.Run, progress: loop.Progress, holdout: dict, held, scene
             "nonfinite_recoveries": progress.nonfinite, "lr_scale": progress.lr_scale,
             "train_views": len(run.sampler.view_ids), "holdout_views": [scene.names[v] for v in held],
             "history": hist, "timeline": progress.timeline, **holdout,
-            "compile_cache": compile_cache.stats() if run.compiled else None}
+            "compile_cache": compile_cache.stats() if run.compiled else None,
+            "camera_refinement": None if run.cameras is None else
+            run.cameras.summary([scene.names[v] for v in run.sampler.view_ids.tolist()])}

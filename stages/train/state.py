@@ -13,6 +13,7 @@ import torch
 
 from pipeline.errors import StageError
 from stages.train import checkpoint
+from stages.train.cameras import CameraCorrections
 from stages.train.fields import NeuSModel
 from stages.train.rays import RaySampler
 from stages.train.render import OccupancyGrid, RenderOptions
@@ -52,11 +53,16 @@ class Run:
     compile_checked: bool = False
     comm: object | None = None  # stages.train.ddp.Comm when several ranks train together
     loss_fn: Callable | None = None  # render_losses compiled whole (see setup); None: as it is
+    cameras: CameraCorrections | None = None  # train.refine_cameras: per-view pose corrections
 
     @property
     def main(self) -> bool:
         """True on the rank that writes files (the only one without DDP)."""
         return self.comm is None or self.comm.is_main
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Everything the optimiser steps: the model's parameters, then the camera corrections'."""
+        return list(self.model.parameters()) + (list(self.cameras.parameters()) if self.cameras is not None else [])
 
 
 def state_payload(run: Run) -> dict:
@@ -72,7 +78,8 @@ def state_payload(run: Run) -> dict:
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "occupancy": run.occ.state_dict(), **payload,
             "progress": dataclasses.asdict(run.progress), "config": dataclasses.asdict(run.cfg),
-            "object_mode": run.object_mode}
+            "object_mode": run.object_mode,
+            **({"cameras": run.cameras.state_dict()} if run.cameras is not None else {})}
 
 
 def save_checkpoint(run: Run, ckpt_dir: Path, step: int) -> None:
@@ -89,7 +96,12 @@ def restore(run: Run, path: Path, keep_counters: bool = False) -> None:
     if bool(state["object_mode"]) != run.object_mode:
         raise StageError(f"{path}: checkpoint is from a {'object' if state['object_mode'] else 'scene'}-mode "
                          "run; delete the checkpoints folder to start over")
+    if ("cameras" in state) != (run.cameras is not None):
+        raise StageError(f"{path}: checkpoint is from a run {'with' if 'cameras' in state else 'without'} "
+                         "train.refine_cameras; delete the checkpoints folder to start over")
     try:
+        if run.cameras is not None:
+            run.cameras.load_state_dict(state["cameras"])
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
