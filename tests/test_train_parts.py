@@ -284,3 +284,24 @@ def test_config_presets_have_docs():
     docs = field_docs("train")
     assert all(docs.values()) and len(docs) > 40
     assert SimpleNamespace(**TrainConfig().__dict__).gradient_mode == "tetra4"
+
+
+def test_views_whose_computed_masks_are_flagged_are_not_trained_on(tmp_path, caplog):
+    """masks.json flags (a computed mask that disagrees with the others) keep that view out of
+    object-mode training; the same flags on provided masks are only reported by the masks stage."""
+    import json
+    import logging
+
+    from stages.train.data import load_scene
+    from train_inputs import analytic_scene
+
+    inputs, _ = analytic_scene(tmp_path / "s", views=6, width=32, height=24, n_points=50)
+    info_path = inputs["masks"] / "masks.json"
+    frames = [{"name": f"{i:06d}", "flags": ["coverage_outlier"] if i == 2 else []} for i in range(6)]
+    info_path.write_text(json.dumps({"method": "grabcut", "frames": frames}))
+    with caplog.at_level(logging.WARNING):
+        scene = load_scene(inputs, logging.getLogger("t"))
+    assert scene.views_with_masks.tolist() == [True, True, False, True, True, True]
+    assert "1 views whose masks disagree" in caplog.text and "000002" in caplog.text
+    info_path.write_text(json.dumps({"method": "provided", "frames": frames}))
+    assert load_scene(inputs, logging.getLogger("t")).views_with_masks.all()

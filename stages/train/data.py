@@ -103,6 +103,19 @@ def load_masks(masks_dir: Path | None, names: list[str], shape: tuple[int, int],
     return out
 
 
+def flagged_frames(masks_dir: Path | None) -> set[str]:
+    """Stems of the computed masks that the masks stage flagged as disagreeing with the others
+    (``masks.json`` frames' ``flags``: empty, coverage outlier, outside the silhouette consensus,
+    seen through). Their views are not trained on in object mode: a wrong mask teaches empty
+    space where the object is. Provided masks are the user's word and are all kept."""
+    if masks_dir is None or not (masks_dir / "masks.json").is_file():
+        return set()
+    info = json.loads((masks_dir / "masks.json").read_text())
+    if info.get("method") in ("provided", "none"):
+        return set()
+    return {Path(f["name"]).stem for f in info.get("frames", []) if f.get("flags")}
+
+
 def frame_names(json_dir: Path, file_paths: list[str], sfm: Path) -> list[str]:
     """The images a transforms.json in ``json_dir`` names (relative to that folder), as names
     inside the sfm folder (``images/<name>``)."""
@@ -126,8 +139,16 @@ def load_scene(inputs: dict[str, Path], log) -> SceneData:
         raise InputError(f"{pts_dir}: view_offsets/view_indices do not match {len(cams)} views and "
                          f"{len(points)} points; rerun sfm_points")
     points_unit = (points @ w2u[:3, :3].T + w2u[:3, 3]).astype(np.float32)
-    with_masks = None if masks is None else np.array(
-        [(Path(inputs["masks"]) / "masks" / f"{Path(n).stem}.png").is_file() for n in cams.names])
+    with_masks = None
+    if masks is not None:
+        masks_dir = Path(inputs["masks"])
+        flagged = flagged_frames(masks_dir)
+        with_masks = np.array([(masks_dir / "masks" / f"{Path(n).stem}.png").is_file()
+                               and Path(n).stem not in flagged for n in cams.names])
+        left_out = sorted(flagged & {Path(n).stem for n in cams.names})
+        if left_out:
+            log.warning("train: %d views whose masks disagree with the others (masks.json flags) are not trained "
+                        "on: %s", len(left_out), ", ".join(left_out[:10]) + (" ..." if len(left_out) > 10 else ""))
     return SceneData(list(cams.names), images, masks, cams.K.copy(), c2w_to_unit(cams.c2w, w2u),
                      points_unit, offsets, indices, w2u, u2w, scene, with_masks)
 
