@@ -297,7 +297,8 @@ def test_views_whose_computed_masks_are_flagged_are_not_trained_on(tmp_path, cap
 
     inputs, _ = analytic_scene(tmp_path / "s", views=6, width=32, height=24, n_points=50)
     info_path = inputs["masks"] / "masks.json"
-    frames = [{"name": f"{i:06d}", "flags": ["coverage_outlier"] if i == 2 else []} for i in range(6)]
+    flags = {2: ["outside_consensus"], 4: ["coverage_outlier"]}  # a small mask alone is no evidence
+    frames = [{"name": f"{i:06d}", "flags": flags.get(i, [])} for i in range(6)]
     info_path.write_text(json.dumps({"method": "grabcut", "frames": frames}))
     with caplog.at_level(logging.WARNING):
         scene = load_scene(inputs, logging.getLogger("t"))
