@@ -23,7 +23,7 @@ ORDER=${*:-base base_mc1024 no_curvature eps_end_1 grid_4096 steps_8000 mask_0}
 for run in $ORDER; do
   name=$run; fresh=--fresh
   [ "$run" = base_mc1024 ] && { name=base; fresh=; }
-  timeout 300 python benchmarks/train_quality.py $SCENE ${RUNS[$run]} --name "p_$name" $fresh \
+  timeout -k 10 300 python benchmarks/train_quality.py $SCENE ${RUNS[$run]} --name "p_$name" $fresh \
       --out "$OUT/plateau_$run.json" > /tmp/plateau_$run.log 2>&1
   python - "$OUT/plateau_$run.json" "$run" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys

@@ -10,12 +10,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MESHPIPE_OFFLINE=1 MESHPIPE_COMPILE_CACHE=/tmp/compile_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 SCENE="--preset default --views 60 --width 640 --height 480"
-timeout 140 python benchmarks/refine_cameras.py $SCENE --iterations 1500 --mc-res 384 --runs noisy --runs noisy_refine \
+timeout -k 10 140 python benchmarks/refine_cameras.py $SCENE --iterations 1500 --mc-res 384 --runs noisy --runs noisy_refine \
     --workdir /tmp/rc --fresh --out "$OUT/refine_cameras.json" > /tmp/refine.log 2>&1
 tail -8 /tmp/refine.log | tee -a "$OUT/summary.txt"
 for run in base no_curvature; do
   extra=""; [ "$run" = no_curvature ] && extra="--set train.curvature_weight=0"
-  timeout 90 python benchmarks/train_quality.py $SCENE --shape bumpy --iterations 1500 --mc-res 384 --workdir /tmp/tq $extra \
+  timeout -k 10 90 python benchmarks/train_quality.py $SCENE --shape bumpy --iterations 1500 --mc-res 384 --workdir /tmp/tq $extra \
       --name "bumpy_$run" --fresh --out "$OUT/bumpy_$run.json" > /tmp/bumpy_$run.log 2>&1
   echo "bumpy $run: $(grep '^| raw\|^| region' /tmp/bumpy_$run.log | tr '\n' ' ')" | tee -a "$OUT/summary.txt"
 done
