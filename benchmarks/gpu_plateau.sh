@@ -4,10 +4,7 @@
 # Spot, 100 views 800x600, `default` preset; each run scored with the point-sample Chamfer (as
 # before) and the point-to-surface one (no sampling floor). One line per run in summary.txt.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MESHPIPE_OFFLINE=1 MESHPIPE_COMPILE_CACHE=/tmp/compile_cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source benchmarks/gpu_env.sh
 SCENE="--preset default --views 100 --width 800 --height 600 --workdir /tmp/tq"
 python benchmarks/train_quality.py --generate-only $SCENE > "$OUT/generate.log" 2>&1
 declare -A RUNS=(

@@ -5,10 +5,7 @@
 # 2. the curvature ablation on a shape the method was not tuned on (bumpy, exact masks and cameras,
 #    1500 steps: what a short call allows).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MESHPIPE_OFFLINE=1 MESHPIPE_COMPILE_CACHE=/tmp/compile_cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source benchmarks/gpu_env.sh
 SCENE="--preset default --views 60 --width 640 --height 480"
 timeout -k 10 140 python benchmarks/refine_cameras.py $SCENE --iterations 1500 --mc-res 384 --runs noisy --runs noisy_refine \
     --workdir /tmp/rc --fresh --out "$OUT/refine_cameras.json" > /tmp/refine.log 2>&1

@@ -24,11 +24,10 @@ import json
 import logging
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from bench_paths import ROOT  # noqa: E402,F401
-from train_quality import generate_scene, scene_parser, score, train_config
+from train_quality import generate_scene, gt_mesh, scene_parser, score, train_config, train_in
 
 RUNS = {"gt": (False, False), "gt_refine": (False, True), "noisy": (True, False), "noisy_refine": (True, True)}
 
@@ -99,7 +98,6 @@ def run_one(name: str, args, cfg, gt_dir: Path, device: str) -> dict:
     import numpy as np
 
     from pipeline.dag import Context
-    from stages import train
     from train_inputs import from_synthetic
 
     noisy, refine = RUNS[name]
@@ -115,14 +113,8 @@ def run_one(name: str, args, cfg, gt_dir: Path, device: str) -> dict:
     inputs, gt_points = made[noise]
     cfg = dataclasses.replace(cfg, refine_cameras=refine)
     run_dir = args.workdir / f"run_{tag}_{args.preset}_{name}{noise}"
-    if args.fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(scene=tag, device=device, progress=False, threads=args.threads, log=logging.getLogger("bench"))
-    t = time.perf_counter()
-    summary = train.run(inputs, cfg, run_dir, ctx)
-    wall = time.perf_counter() - t
-    info = json.loads((run_dir / "train.json").read_text())
+    summary, wall, info = train_in(inputs, cfg, run_dir, ctx, args.fresh)
     diag = float(np.linalg.norm(gt_points.max(0) - gt_points.min(0)))
     return {"name": name, "noisy": noisy, "refine": refine, "train_seconds": info["wall_seconds"],
             "train_wall_seconds": wall, "iterations": summary["iterations"], "train_psnr": info["train_psnr"],
@@ -130,15 +122,6 @@ def run_one(name: str, args, cfg, gt_dir: Path, device: str) -> dict:
                 info["camera_refinement"] or {}).items() if k.endswith(("_mean", "_max"))} or None,
             "poses": pose_report(run_dir, inputs, made[""][0]),
             "quality": score(run_dir, gt_points, diag, args.mc_res, device, args.tau, 0.0, gt_mesh(gt_dir))}
-
-
-def gt_mesh(gt_dir: Path) -> tuple:
-    """The GT mesh (vertices, faces), for the point-to-surface Chamfer."""
-    import numpy as np
-    import trimesh
-
-    m = trimesh.load(gt_dir / "gt_mesh.ply", process=False)
-    return np.asarray(m.vertices), np.asarray(m.faces)
 
 
 def main(argv=None) -> int:

@@ -137,6 +137,29 @@ def score(model_dir: Path, gt_points, diag: float, res: int, device: str, tau: f
     return out
 
 
+def gt_mesh(gt_dir: Path) -> tuple:
+    """A rendered scene's GT mesh (vertices, faces), for the point-to-surface Chamfer."""
+    import numpy as np
+    import trimesh
+
+    m = trimesh.load(gt_dir / "gt_mesh.ply", process=False)
+    return np.asarray(m.vertices), np.asarray(m.faces)
+
+
+def train_in(inputs: dict, cfg, run_dir: Path, ctx, fresh: bool) -> tuple[dict, float, dict]:
+    """Train into ``run_dir`` (emptied first with ``fresh``, else resumed); the stage's summary,
+    the wall seconds and its train.json."""
+    from stages import train
+
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    summary = train.run(inputs, cfg, run_dir, ctx)
+    wall = time.perf_counter() - t
+    return summary, wall, json.loads((run_dir / "train.json").read_text())
+
+
 def scene_parser(doc: str, preset: str, views: int, width: int, height: int) -> argparse.ArgumentParser:
     """The options every spot benchmark shares: preset and the rendered views' count and size."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,7 +193,6 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.dag import Context
-    from stages import train
     from train_inputs import analytic_scene, from_synthetic
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,24 +213,13 @@ def main(argv=None) -> int:
     prep = time.perf_counter() - t0
     cfg = train_config(args.preset, args.set, args.ablation, args.iterations)
     run_dir = args.workdir / (args.name or f"run_{tag}_{args.preset}{''.join('_' + a for a in args.ablation)}")
-    if args.fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     ctx = Context(scene=tag, device=device, progress=True, threads=args.threads, log=logging.getLogger("bench"))
-    t = time.perf_counter()
-    summary = train.run(inputs, cfg, run_dir, ctx)
-    train_wall = time.perf_counter() - t
-    info = json.loads((run_dir / "train.json").read_text())
+    summary, train_wall, info = train_in(inputs, cfg, run_dir, ctx, args.fresh)
     diag = float(np.linalg.norm(gt_points.max(0) - gt_points.min(0)))
-    gt_mesh = None
-    if args.scene == "spot":
-        import trimesh
-
-        m = trimesh.load(gt_dir / "gt_mesh.ply", process=False)
-        gt_mesh = (np.asarray(m.vertices), np.asarray(m.faces))
-    quality = score(run_dir, gt_points, diag, args.mc_res, device, args.tau, 0.0 if args.scene == "spot" else None,
-                    gt_mesh)
+    spot = args.scene == "spot"
+    quality = score(run_dir, gt_points, diag, args.mc_res, device, args.tau, 0.0 if spot else None,
+                    gt_mesh(gt_dir) if spot else None)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "device": device,
               "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "prep_seconds": prep,
               "train_wall_seconds": train_wall, "train_seconds": info["wall_seconds"], "summary": summary,

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -235,25 +233,16 @@ def test_training_with_refinement_reports_and_checkpoints_the_corrections(scene,
             run_stage(scene, TrainConfig(**TINY, refine_cameras=refine), tmp_path / name, ctx())
 
 
-def test_resume_after_sigterm_restores_the_corrections(scene, tmp_path):
+def test_resume_after_sigterm_restores_the_corrections(scene, tmp_path, deterministic):
     """Stopped at step 6 and resumed: the same loss curve and the same corrections, bit for bit,
     as an uninterrupted run (the corrections start moving at train.camera_start_step = 3)."""
-    torch.use_deterministic_algorithms(True)
-    try:
-        cfg = TrainConfig(**TINY, refine_cameras=True, camera_start_step=3)
-        run_stage(scene, cfg, tmp_path / "a", ctx())
-
-        def sigterm_at_5(step, loss):
-            if step == 5:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return loss
-        with pytest.raises(StageError, match="SIGTERM at step 6"):
-            run_stage(scene, cfg, tmp_path / "b", ctx(), hook=sigterm_at_5)
-        stopped = torch.load(tmp_path / "b" / "checkpoints" / "step_00000006.pt", weights_only=True)
-        assert stopped["cameras"]["delta"].abs().max() > 0
-        run_stage(scene, cfg, tmp_path / "b", ctx())
-    finally:
-        torch.use_deterministic_algorithms(False)
+    cfg = TrainConfig(**TINY, refine_cameras=True, camera_start_step=3)
+    run_stage(scene, cfg, tmp_path / "a", ctx())
+    with pytest.raises(StageError, match="SIGTERM at step 6"):
+        run_stage(scene, cfg, tmp_path / "b", ctx(), hook=train_inputs.sigterm_at(5))
+    stopped = torch.load(tmp_path / "b" / "checkpoints" / "step_00000006.pt", weights_only=True)
+    assert stopped["cameras"]["delta"].abs().max() > 0
+    run_stage(scene, cfg, tmp_path / "b", ctx())
     full, resumed = (json.loads((tmp_path / n / "train.json").read_text()) for n in ("a", "b"))
     # a step records the corrections its loss saw: steps 1-4 (indices 0-3) those before step 3 moved them
     assert [h["cam_rot_deg"] for h in full["history"][:4]] == [0.0] * 4 and full["history"][4]["cam_rot_deg"] > 0

@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_inputs import analytic_scene, chamfer_fscore, copy_inputs, mesh_from_sdf, sample_mesh  # noqa: E402
+from train_inputs import analytic_scene, chamfer_fscore, copy_inputs, mesh_from_sdf, sample_mesh, sigterm_at  # noqa: E402
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.dag import Context  # noqa: E402
@@ -54,13 +52,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def deterministic():
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 def test_outputs_and_sdf_query(scene, tmp_path, deterministic):
     inputs, _ = scene
     summary = train.run(inputs, TrainConfig(**TINY), tmp_path, ctx())
@@ -90,12 +81,8 @@ def test_resume_after_sigterm_gives_the_same_loss_curve(scene, tmp_path, determi
     run_stage(inputs, cfg, tmp_path / "a", ctx())
     full = json.loads((tmp_path / "a" / "train.json").read_text())["history"]
 
-    def sigterm_at_5(step, loss):
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
     with pytest.raises(StageError, match="SIGTERM at step 6"):
-        run_stage(inputs, cfg, tmp_path / "b", ctx(), hook=sigterm_at_5)
+        run_stage(inputs, cfg, tmp_path / "b", ctx(), hook=sigterm_at(5))
     assert (tmp_path / "b" / "checkpoints" / "step_00000006.pt").is_file()
     assert not (tmp_path / "b" / "model.pt").exists()
     train.run(inputs, cfg, tmp_path / "b", ctx())

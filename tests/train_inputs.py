@@ -330,3 +330,16 @@ def background_volume(sdf_query, inputs: dict[str, Path], resolution: int = 64, 
         inside[seen] = mask[ij[seen, 1], ij[seen, 0]]
         hull &= inside
     return float((solid & ~hull).sum() / solid.sum())
+
+
+def sigterm_at(step_to_stop: int):
+    """A ``run_stage`` hook that sends this process SIGTERM at ``step_to_stop`` (the stage stops
+    after the next step, with a checkpoint)."""
+    import os
+    import signal
+
+    def hook(step, loss):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    return hook

@@ -232,10 +232,9 @@ def evaluate_geometry(scene: EvalScene, cfg: Any, ctx: Context) -> tuple[dict, d
         before = _score(M.transform_points(T, pred_local), gt_pts, cfg, diag)
         geometry["before_icp"] = {k: v for k, v in before.items() if k in ("chamfer_l1", "chamfer_l1_pct", "fscores")}
         T = T_icp
-    geometry.update(_score(M.transform_points(T, pred_local), gt_pts, cfg, diag,
-                           ((M.transform_points(T, scene.vertices), scene.faces), (gt_v, gt_f))))
-    geometry["object_region"] = region_scores(M.transform_points(T, scene.vertices), scene.faces, gt_pts,
-                                              scene.gt_dir, cfg, diag)
+    verts = M.transform_points(T, scene.vertices)
+    geometry.update(_score(M.transform_points(T, pred_local), gt_pts, cfg, diag, ((verts, scene.faces), (gt_v, gt_f))))
+    geometry["object_region"] = region_scores(verts, scene.faces, gt_pts, scene.gt_dir, cfg, diag)
     alignment["sfm_to_gt"] = T.tolist()
     return geometry, alignment
 

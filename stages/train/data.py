@@ -78,47 +78,54 @@ def _need(path: Path) -> Path:
     return path
 
 
-def load_masks(masks_dir: Path | None, names: list[str], shape: tuple[int, int], log) -> np.ndarray | None:
-    """(N, H, W) bool, or None when masks are off or absent. A view without a mask file gets an
-    all-False mask and is reported; the loop leaves such views out of object-mode training
-    (``views_with_masks``)."""
+WRONG_MASK_FLAGS = ("empty", "outside_consensus", "seen_through")  # not "coverage_outlier" alone: a thin
+# object seen edge-on has a small, right mask (rings3_plain: leaving those 4 of 24 views out cost 15 %)
+
+
+def flagged_frames(info: dict) -> set[str]:
+    """Stems of the computed masks that the masks stage found wrong (``masks.json`` ``info``,
+    frames' ``flags``: empty, reaching outside the other views' silhouette consensus, or on what
+    the stereo sees through). Provided masks are the user's word and are all kept."""
+    if info.get("method") in ("provided", "none"):
+        return set()
+    return {Path(f["name"]).stem for f in info.get("frames", []) if set(f.get("flags", [])) & set(WRONG_MASK_FLAGS)}
+
+
+def load_masks(masks_dir: Path | None, names: list[str], shape: tuple[int, int],
+               log) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(N, H, W) bool masks and which views may be trained on in object mode (N,) bool, or
+    (None, None) when masks are off or absent. A view without a mask file gets an all-False mask
+    and is reported; so is a view whose computed mask the masks stage flagged as wrong
+    (``flagged_frames``: it would teach the background as object, or the object as empty
+    space). The loop leaves both out of object-mode training (``views_with_masks``)."""
     if masks_dir is None or not (masks_dir / "masks.json").is_file():
-        return None
+        return None, None
     info = json.loads((masks_dir / "masks.json").read_text())
     if info.get("method") == "none" or not (masks_dir / "masks").is_dir():
-        return None
+        return None, None
     out = np.zeros((len(names), *shape), dtype=bool)
+    usable = np.zeros(len(names), dtype=bool)
     missing = []
     for i, name in enumerate(names):
         path = masks_dir / "masks" / f"{Path(name).stem}.png"
         if path.is_file():
             out[i] = _read_image(path, shape, grey=True) > 127
+            usable[i] = True
         else:
             missing.append(Path(name).stem)
     if len(missing) == len(names):
         log.warning("train: masks.json exists but no mask files were found; training without masks")
-        return None
+        return None, None
     if missing:
         log.warning("train: %d views have no mask (%s ...); they are not trained on", len(missing), missing[0])
-    return out
-
-
-WRONG_MASK_FLAGS = ("empty", "outside_consensus", "seen_through")  # not "coverage_outlier" alone: a thin
-# object seen edge-on has a small, right mask (rings3_plain: leaving those 4 of 24 views out cost 15 %)
-
-
-def flagged_frames(masks_dir: Path | None) -> set[str]:
-    """Stems of the computed masks that the masks stage found wrong (``masks.json`` frames'
-    ``flags``: empty, reaching outside the other views' silhouette consensus, or on what the
-    stereo sees through). Their views are not trained on in object mode: a wrong mask teaches
-    the background as object (or the object as empty space). Provided masks are the user's word
-    and are all kept."""
-    if masks_dir is None or not (masks_dir / "masks.json").is_file():
-        return set()
-    info = json.loads((masks_dir / "masks.json").read_text())
-    if info.get("method") in ("provided", "none"):
-        return set()
-    return {Path(f["name"]).stem for f in info.get("frames", []) if set(f.get("flags", [])) & set(WRONG_MASK_FLAGS)}
+    flagged = flagged_frames(info)
+    left_out = [Path(n).stem for n in names if Path(n).stem in flagged]
+    if left_out:
+        usable &= np.array([Path(n).stem not in flagged for n in names])
+        shown = ", ".join(left_out[:10]) + (" ..." if len(left_out) > 10 else "")
+        log.warning("train: %d views whose masks disagree with the others (masks.json flags) are not "
+                    "trained on: %s", len(left_out), shown)
+    return out, usable
 
 
 def frame_names(json_dir: Path, file_paths: list[str], sfm: Path) -> list[str]:
@@ -136,7 +143,7 @@ def load_scene(inputs: dict[str, Path], log) -> SceneData:
     cams.names = frame_names(pts_dir, cams.names, sfm)
     shape = (cams.height, cams.width)
     images = np.stack([_read_image(_need(sfm / name), shape) for name in cams.names])
-    masks = load_masks(Path(inputs["masks"]) if inputs.get("masks") else None, cams.names, shape, log)
+    masks, with_masks = load_masks(Path(inputs["masks"]) if inputs.get("masks") else None, cams.names, shape, log)
     points = np.load(_need(pts_dir / "points.npy")).astype(np.float64).reshape(-1, 3)
     offsets = np.load(_need(pts_dir / "view_offsets.npy")).astype(np.int64)
     indices = np.load(_need(pts_dir / "view_indices.npy")).astype(np.int64)
@@ -144,17 +151,6 @@ def load_scene(inputs: dict[str, Path], log) -> SceneData:
         raise InputError(f"{pts_dir}: view_offsets/view_indices do not match {len(cams)} views and "
                          f"{len(points)} points; rerun sfm_points")
     points_unit = (points @ w2u[:3, :3].T + w2u[:3, 3]).astype(np.float32)
-    with_masks = None
-    if masks is not None:
-        masks_dir = Path(inputs["masks"])
-        flagged = flagged_frames(masks_dir)
-        with_masks = np.array([(masks_dir / "masks" / f"{Path(n).stem}.png").is_file()
-                               and Path(n).stem not in flagged for n in cams.names])
-        left_out = sorted(flagged & {Path(n).stem for n in cams.names})
-        if left_out:
-            names = ", ".join(left_out[:10]) + (" ..." if len(left_out) > 10 else "")
-            log.warning("train: %d views whose masks disagree with the others (masks.json flags) are not "
-                        "trained on: %s", len(left_out), names)
     return SceneData(list(cams.names), images, masks, cams.K.copy(), c2w_to_unit(cams.c2w, w2u),
                      points_unit, offsets, indices, w2u, u2w, scene, with_masks)
 
