@@ -206,6 +206,7 @@ class TrainConfig:
     curvature_weight: float = opt(5e-4, "weight of the curvature loss mean |laplacian SDF| after warm-up", bounds="[0, inf)")
     curvature_warmup_steps: int = opt(1000, "curvature weight ramps linearly from 0 over this many steps", bounds="[0, inf)")
     curvature_decay: float = opt(0.0, "curvature weight divides by this per newly active level (0 = the grid's per-level scale)", bounds="[0, inf)")
+    curvature_fade_start: float = opt(1.0, "share of the iterations after which the curvature weight falls linearly to 0 at the last step (1 = no fade)", bounds="[0, 1]")
     mask_weight: float = opt(0.1, "object mode: weight of the BCE between rendered opacity and the mask", bounds="[0, inf)")
     sfm_weight: float = opt(0.1, "weight of the SfM-point loss mean |SDF| at the points the batch's views see", bounds="[0, inf)")
     sfm_loss_steps: int = opt(5000, "the SfM-point loss weight decays linearly to 0 over this many steps", bounds="[0, inf)")

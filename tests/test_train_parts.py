@@ -2,6 +2,7 @@
 analytic SDFs, schedules, sample placement and NeuS rendering, checkpoints, camera transforms."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from types import SimpleNamespace
@@ -188,6 +189,10 @@ def test_schedules():
     w = [schedule.curvature_weight(s, cfg, spec) for s in (0, 25, 50, 100)]
     assert w[0] == 0.0 and math.isclose(w[1], cfg.curvature_weight / 2) and math.isclose(w[2], cfg.curvature_weight)
     assert math.isclose(w[3], cfg.curvature_weight / spec.per_level_scale)
+    faded = dataclasses.replace(cfg, curvature_fade_start=0.5)
+    assert schedule.curvature_weight(500, faded, spec) == schedule.curvature_weight(500, cfg, spec)
+    assert math.isclose(schedule.curvature_weight(750, faded, spec), schedule.curvature_weight(750, cfg, spec) / 2)
+    assert schedule.curvature_weight(1000, faded, spec) == 0.0
     two = TrainConfig(iterations=1000, warmup_steps=0, lr_decay="two_steps", lr_gamma=10.0)
     assert [schedule.lr_factor(s, two) for s in (0, 599, 600, 800)] == [1.0, 1.0, 0.1, 0.01]
 

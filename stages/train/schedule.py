@@ -1,5 +1,5 @@
 """Schedules as pure functions of the step: coarse-to-fine levels, finite-difference epsilon,
-curvature weight (warm-up, decay per new level), learning rate (warm-up, decay), SfM-loss
+curvature weight (warm-up, decay per new level, fade to 0), learning rate (warm-up, decay), SfM-loss
 decay and NeuS cos annealing."""
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def curvature_weight(step: int, cfg, spec: GridSpec) -> float:
     ramp = min(1.0, step / cfg.curvature_warmup_steps) if cfg.curvature_warmup_steps > 0 else 1.0
     decay = cfg.curvature_decay if cfg.curvature_decay > 0 else spec.per_level_scale
     first = min(max(1, cfg.c2f_init_levels), spec.levels) if cfg.c2f_step > 0 else spec.levels
-    return cfg.curvature_weight * ramp / decay ** (active_levels(step, cfg, spec) - first)
+    fade_from = cfg.curvature_fade_start * cfg.iterations
+    fade = 1.0 if step <= fade_from else max(0.0, (cfg.iterations - step) / max(1.0, cfg.iterations - fade_from))
+    return cfg.curvature_weight * ramp * fade / decay ** (active_levels(step, cfg, spec) - first)
 
 
 def lr_factor(step: int, cfg) -> float:
