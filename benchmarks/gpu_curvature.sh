@@ -18,6 +18,7 @@ done
 declare -A RUNS=([base]="" [curv0]="--set train.curvature_weight=0" [fade50]="--set train.curvature_fade_start=0.5")
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 10 > "$OUT/gpu_util.txt" &
 SMI=$!
+PIDS=()
 LEFT=$((570 - SECONDS))   # the device's 600 s per call, less the summary
 for shape in $SHAPES; do
   for run in base curv0 fade50; do
@@ -36,9 +37,10 @@ print(sys.argv[2], "done at", sys.argv[3], "s; train_s %.1f" % r["train_seconds"
       "psnr %.2f/%s" % (r["train_psnr"], r["holdout_psnr"]))
 PY
     ) &
+    PIDS+=($!)
   done
 done
-wait
+wait "${PIDS[@]}"   # not nvidia-smi's
 kill $SMI
 tail -4 /tmp/curv_*.log /tmp/gen_*.log > "$OUT/tails.txt" 2>&1
 (cd /tmp && tar czf "$OUT/curv_runs.tar.gz" curv_*.json)   # at most 8 files come back

@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.workdir.mkdir(parents=True, exist_ok=True)
     tag = f"{args.shape or args.scene}_{args.views}v_{args.width}x{args.height}"
-    inputs_root = args.workdir / f"inputs_{tag}"
+    inputs_root = args.workdir / f"inputs_{args.name or tag}"  # per run: runs side by side rebuild their own
     t0 = time.perf_counter()
     if args.scene == "spot":
         gt_dir = generate_shape(args.shape, args.workdir, args.views, args.width, args.height) if args.shape \
