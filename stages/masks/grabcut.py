@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.cameras import Cameras, orbit_distance, project, supporting_plane
 import stages.masks.post as post
+from stages.masks import refine
 
 GC_BGD, GC_FGD, GC_PR_BGD, GC_PR_FGD = 0, 1, 2, 3
 MIN_WORK_SIDE = 320  # small object regions are upsampled (up to MAX_UPSCALE) for sub-pixel edges
@@ -333,6 +334,7 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
         pass_dir.mkdir(parents=True, exist_ok=True)
         if last:
             save, skip = save_final, set(stems) - todo
+            polish = _polisher(load_image, prev, cfg, log, stats)
         else:
             def save(stem, m, d=pass_dir):
                 post.write_mask(d / f"{stem}.png", post.clean_mask(m, cfg.keep_components, cfg.fill_holes, 0))
@@ -352,7 +354,8 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
                                                                 p[i], stats, seed))
         log.info("masks: grabcut pass %d/%d on %d frames", k + 1, rounds, len(stems) - len(skip))
         frames = [i for i in range(len(stems)) if stems[i] not in skip]
-        for_each_frame(lambda i, m=mask_of, w=save: w(stems[i], m(i)), frames, bar, threads)
+        for_each_frame(lambda i, m=mask_of, w=save: w(stems[i], polish(i, m(i)) if last else m(i)), frames, bar,
+                       threads)
         if not last:
             prev = []
             for i, s in enumerate(stems):
@@ -360,4 +363,21 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
                 prev.append(m if m is not None else final.get(s))
     if stats.get("repaired"):
         log.info("masks: %d masks spilled outside the multi-view consensus and were redone", stats["repaired"])
-    return {"repaired": int(stats.get("repaired", 0))}
+    return {"repaired": int(stats.get("repaired", 0)), "refined": int(stats.get("refined", 0))}
+
+
+def _polisher(load_image, prev: list[np.ndarray | None] | None, cfg, log: logging.Logger,
+              stats: dict) -> Callable[[int, np.ndarray], np.ndarray]:
+    """The last pass's masks, cleaned, are redone with clean colour models (``stages.masks.refine``)
+    when the backdrop is uniform: judged on the previous pass's masks, else per view."""
+    grow = refine.uniform_backdrop(load_image, prev, log) if prev is not None else None
+
+    def polish(i: int, m: np.ndarray) -> np.ndarray:
+        m = post.clean_mask(m, cfg.keep_components, cfg.fill_holes, 0)
+        image = load_image(i)
+        if grow is False or (grow is None and not refine.far_spread(image, m) < refine.UNIFORM_SPREAD):
+            return m
+        with STATS_LOCK:
+            stats["refined"] = stats.get("refined", 0) + 1
+        return refine.refine(image, m)
+    return polish
