@@ -47,6 +47,7 @@ from robustness_scenes import BY_NAME, SCENES, SHAPES, Scene, generate_scene, wr
 DATA = next((p for p in (ROOT / "shared" / "data", ROOT.parent / "shared" / "data") if p.is_dir()),
             ROOT.parent / "shared" / "data")
 IOU_MIN, RATIO_RANGE, CENTRE_MAX = 0.8, (0.8, 2.0), 0.25
+BOX_PAD_PX = 8  # Middlebury reference silhouettes are cut to the README box's projection grown by this
 
 
 # ---------------------------------------------------------------- measures
@@ -205,22 +206,33 @@ def synthetic_reference(folder: Path):
 
 
 def middlebury_reference(folder: Path):
-    """The same from ``*_par.txt`` (P = K [R t]), the README bounding box and recipe silhouettes."""
+    """The same from ``*_par.txt`` (P = K [R t]), the README bounding box and recipe silhouettes,
+    cut to the projection of that (tight) box: the recipe's threshold also keeps the lit folds of
+    the cloth beside the temple, which is not the object."""
     par = next(folder.glob("*_par.txt"))
-    centres = {}
+    centres, proj = {}, {}
     for line in par.read_text().split("\n")[1:]:
         f = line.split()
         if len(f) == 22:
+            K = np.array(f[1:10], float).reshape(3, 3)
             R, t = np.array(f[10:19], float).reshape(3, 3), np.array(f[19:22], float)
             centres[Path(f[0]).stem] = -R.T @ t
+            proj[Path(f[0]).stem] = K @ np.hstack([R, t[:, None]])
     box = np.array(re.findall(r"\(([-\d.]+) ([-\d.]+) ([-\d.]+)\)", (folder / "README.txt").read_text()), float)
+    corners = np.array([[box[i][0], box[j][1], box[k][2], 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     good = next(folder.glob("*_good_silhouette_images.txt"), None)
     keep = {Path(n).stem for n in good.read_text().split()[1:]} if good else set(centres)
 
     def ref_mask(stem):
         p = folder / f"{stem}.png"
-        return recipe_silhouette(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)) \
-            if stem in keep and p.is_file() else None
+        if stem not in keep or not p.is_file():
+            return None
+        sil = recipe_silhouette(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB))
+        uvw = corners @ proj[stem].T
+        region = np.zeros(sil.shape, np.uint8)
+        cv2.fillConvexPoly(region, cv2.convexHull(np.round(uvw[:, :2] / uvw[:, 2:] - 0.5).astype(np.int32)), 1)
+        pad = 2 * BOX_PAD_PX + 1  # the recipe's dilate/erode grows the silhouette by 3 px
+        return sil & (cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (pad, pad))) > 0)
     h, w = cv2.imread(str(next(folder.glob("*.png")))).shape[:2]
     return ref_mask, (w, h), centres, box.mean(0), float(np.linalg.norm(box[1] - box[0]) / 2)
 
