@@ -267,6 +267,7 @@ class CleanupConfig:
     colour: bool = opt(True, "colour vertices from the images (visible views, frontal ones weighted up)")
     texture: bool = opt(False, "also bake a UV texture atlas (needs the xatlas package)")
     texture_size: int = opt(2048, "texture atlas side in pixels", bounds="[64, 16384]")
+    isolate: Literal["fallback", "always", "never"] = opt("fallback", "without masks, cut the object out in 3D (the ground plane of the SfM points cut, the pieces near the sphere's centre kept, the bottom closed): when the masks stage fell back to scene mode, always, or never")
     up_axis: Literal["none", "z", "y"] = opt("none", "export the meshes turned so the up of the (level-held) cameras is this axis, the object standing at height 0 on the origin (none = the SfM frame; cleanup.json has the transform)")
 
 

@@ -23,7 +23,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "sfm_points": ("sfm", "masks"),
     "train": ("sfm", "masks", "sfm_points"),
     "mesh": ("train", "sfm_points"),
-    "cleanup": ("mesh", "sfm", "masks"),
+    "cleanup": ("mesh", "sfm", "masks", "sfm_points"),
     "evaluate": ("cleanup", "mesh", "train", "sfm_points", "masks", "sfm", "frames"),
 }
 

@@ -326,3 +326,56 @@ def test_up_axis_exports_the_ground_horizontal(scene, tmp_path, axis, views):
     for name in ("mesh.obj", "mesh.glb"):  # every exported file is turned alike
         bounds = trimesh.load(out / name, force="mesh", process=False).bounds
         assert np.allclose(bounds, [exported.min(0), exported.max(0)], atol=1e-6)
+
+
+def _scene_mode_inputs(tmp_path: Path, scene: Path, fallback: bool) -> tuple[dict, dict]:
+    """sfm_points/ (points on the ground disc and on the object, the GT sphere) and a masks/
+    folder without masks whose masks.json says whether the masks stage fell back to scene mode."""
+    gt = json.loads((scene / "gt.json").read_text())
+    rng = np.random.default_rng(0)
+    ring = rng.uniform(0, 2 * np.pi, 3000), 1.2 * gt["sphere_radius"] * np.sqrt(rng.uniform(0, 1, 3000))
+    ground = np.stack([ring[1] * np.cos(ring[0]), ring[1] * np.sin(ring[0]), np.zeros(3000)], 1)
+    obj = trimesh.load(scene / "gt_mesh.ply", process=False).sample(1500, seed=0)
+    sfm_points, masks = tmp_path / "sfm_points", tmp_path / "masks"
+    sfm_points.mkdir()
+    masks.mkdir()
+    np.save(sfm_points / "points.npy", np.concatenate([ground, obj]).astype(np.float32))
+    (sfm_points / "scene.json").write_text(json.dumps({"sphere_center": gt["sphere_center"],
+                                                       "sphere_radius": 1.3 * gt["sphere_radius"]}))
+    summary = {"method": "none", **({"fallback": {"from": "grabcut", "reason": "test"}} if fallback else {})}
+    (masks / "masks.json").write_text(json.dumps(summary))
+    return {"sfm_points": sfm_points, "masks": masks}, gt
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_scene_mode_fallback_cuts_the_object_out(scene, tmp_path, fallback):
+    """A scene-mode mesh (the object, the ground slab it stands on, a floater near the sphere's
+    edge): after a masks fallback the object alone is kept, closed at the cut; after an asked-for
+    scene mode (masks.method=none) the ground stays."""
+    gt_mesh = trimesh.load(scene / "gt_mesh.ply", process=False)
+    ground = trimesh.creation.box([1.6, 1.6, 0.1]).apply_translation([0, 0, -0.045])  # top 5 mm above z = 0
+    floater = trimesh.creation.icosphere(2, 0.04).apply_translation([0.4, 0.3, 0.15])
+    parts = [trimesh.Trimesh(*trimesh.remesh.subdivide_to_size(p.vertices, p.faces, 0.03)) for p in (ground, floater)]
+    inputs, gt = _scene_mode_inputs(tmp_path, scene, fallback)
+    mesh_dir, out = tmp_path / "mesh", tmp_path / "cleanup"
+    mesh_dir.mkdir()
+    out.mkdir()
+    raw = trimesh.util.concatenate([gt_mesh, *parts])
+    write_ply(mesh_dir / "mesh_raw.ply", np.asarray(raw.vertices), np.asarray(raw.faces))
+    report = cleanup.run({"mesh": mesh_dir, "sfm": scene, **inputs}, CleanupConfig(min_component_ratio=0.0), out,
+                         Context(scene="t", progress=False))
+    mesh = trimesh.load(out / "mesh.ply", process=False)
+    if not fallback:
+        assert report["isolated"] is None and mesh.bounds[1][0] > 0.75  # the ground is kept
+        return
+    info = report["isolated"]
+    assert info["method"] == "support_plane" and info["pieces_kept"] == 1 and info["faces_below_plane"] > 1000
+    assert abs(abs(info["plane"][2]) - 1) < 1e-3 and abs(info["plane"][3]) < 0.01  # z = 0 found in the points
+    assert mesh.is_watertight and report["components"] == 1
+    cut_z = mesh.vertices[:, 2].min()
+    assert 0.0 < cut_z < 0.02 * 1.3 * gt["sphere_radius"] + 0.01
+    lo, hi = np.asarray(gt["object_bounds"])
+    assert (mesh.vertices[:, :2] >= lo[:2] - 0.01).all() and (mesh.vertices[:, :2] <= hi[:2] + 0.01).all()
+    dist, _ = cKDTree(gt_mesh.vertices).query(mesh.vertices)
+    assert dist.max() < 1e-6  # nothing of the ground or the floater; the cap closes the cut without new vertices
+    assert 0.97 < mesh.volume / gt_mesh.volume < 1.0  # only the soles of the feet are cut

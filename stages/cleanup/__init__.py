@@ -14,6 +14,7 @@ files are written turned upright (``stages.cleanup.upright``; ``cleanup.json`` `
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ import numpy as np
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 from pipeline.fsutil import atomic_write_json
+from stages.cleanup import isolate
 from stages.cleanup.topology import components, make_manifold, topology, weld
 
-VERSION = "3"  # 2: topology measured after welding; 3: texture mesh_texture.png, white material, up_axis
+VERSION = "4"  # 2: topology measured after welding; 3: texture mesh_texture.png, white material, up_axis;
+# 4: isolate (the object cut out of a scene-mode mesh)
 TEXTURE = "mesh_texture"  # the OBJ's material: mesh.mtl names mesh_texture.png
 # Copied to the scene folder: the OBJ with the files it references, under the names it uses
 PUBLISH = ("mesh.ply", "mesh.obj", "mesh.mtl", f"{TEXTURE}.png", "mesh.glb")
@@ -251,6 +254,25 @@ def cull_by_masks(vertices, faces, views, cfg, ctx):
                              "unseen_pieces_removed": int(unseen_piece.sum())}
 
 
+def _isolate(v, f, views, sfm_points_dir, ctx):
+    """``stages.cleanup.isolate`` on the mesh: (vertices, faces, info or None when no plane)."""
+    if sfm_points_dir is None or not (Path(sfm_points_dir) / "scene.json").is_file():
+        ctx.log.warning("cleanup: no sfm_points/scene.json: the object is not cut out of the scene")
+        return v, f, None
+    scene = json.loads((Path(sfm_points_dir) / "scene.json").read_text())
+    plane = isolate.ground_plane(sfm_points_dir, views.cams)
+    if plane is None:
+        ctx.log.warning("cleanup: no masks and no supporting plane in the SfM points: the mesh keeps the "
+                        "surroundings inside the bounding sphere (cleanup.isolate found nothing to cut at)")
+        return v, f, None
+    keep, info = isolate.cut(v, f, plane, scene["sphere_center"], scene["sphere_radius"])
+    v, f, _ = keep_faces(v, f, keep)
+    ctx.log.info("cleanup: no masks: the object cut out in 3D at the supporting plane (%d faces at or below it "
+                 "cut, %d of %d pieces kept near the centre)", info["faces_below_plane"], info["pieces_kept"],
+                 info["pieces"])
+    return v, f, info
+
+
 def write_outputs(out_dir: Path, vertices, faces, colours, texture=None) -> list[str]:
     """``mesh.ply`` (vertex colours), ``mesh.obj`` and ``mesh.glb`` (textured when ``texture`` =
     (vmapping, faces, uvs, image) is given, else vertex colours; a textured OBJ comes with
@@ -314,6 +336,10 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     v, f = remove_duplicates(v, f)
     v, f, removed = remove_small_components(v, f, cfg.min_component_ratio)
     report.update(vertices_welded=welded, faces_culled=0, faces_unseen=None, cull="off")
+    isolated = None
+    if isolate.wanted(cfg.isolate, views.mask_dir is not None, inputs.get("masks")):
+        v, f, isolated = _isolate(v, f, views, inputs.get("sfm_points"), ctx)
+    report["isolated"] = isolated
     if cfg.cull and views.mask_dir is None:
         report["cull"] = "skipped: no masks"
         ctx.log.info("cleanup: no masks, faces are not culled")
@@ -323,7 +349,7 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     if len(f) == 0:
         raise StageError("cleanup: nothing is left of the mesh after removing components and culling; "
                          "check the masks (masks stage) or set cleanup.cull=false")
-    v, f, holes = repair_and_close(v, f, cfg.max_hole_edges, ctx.log, cfg.close_all_holes)
+    v, f, holes = repair_and_close(v, f, cfg.max_hole_edges, ctx.log, cfg.close_all_holes or bool(isolated))
     v, f, more = remove_small_components(v, f, cfg.min_component_ratio)  # culling and repair split pieces
     removed += more
     f, flipped = orient_outward(v, f)
