@@ -33,7 +33,8 @@ CFG = dict(iterations=100, batch_rays=256, views_per_batch=4, samples_per_ray=12
            occ_resolution=24, occ_update_every=8, grid_levels=6, grid_features=2, grid_log2_table=13,
            grid_base_res=8, grid_max_res=96, sdf_hidden=32, feature_dim=16, color_layers=2, color_hidden=32,
            c2f_init_levels=3, c2f_step=40, warmup_steps=20, lr=5e-3, lr_grid_mult=4.0, cos_anneal_steps=60,
-           curvature_warmup_steps=40, sfm_loss_steps=120, checkpoint_every=10, holdout_eval_views=0,
+           curvature_weight=5e-4, curvature_warmup_steps=40, sfm_loss_steps=120, checkpoint_every=10,
+           holdout_eval_views=0,
            log_every=10, occ_warmup_steps=50)
 
 

@@ -34,7 +34,7 @@ TINY = dict(iterations=12, batch_rays=64, views_per_batch=2, samples_per_ray=8, 
             sdf_hidden=16, feature_dim=8, color_layers=1, color_hidden=16, c2f_init_levels=2, c2f_step=4,
             warmup_steps=2, checkpoint_every=4, log_every=1, holdout_eval_views=1, holdout_every=4,
             sfm_points_per_view=8, bg_samples=8, eval_chunk=1024, cos_anneal_steps=6, sfm_loss_steps=8,
-            occ_warmup_steps=4)  # tests/test_train.py's
+            occ_warmup_steps=4, curvature_weight=5e-4)  # tests/test_train.py's
 
 
 def ctx() -> Context:

@@ -28,7 +28,7 @@ TINY = dict(iterations=12, batch_rays=64, views_per_batch=2, samples_per_ray=8, 
             sdf_hidden=16, feature_dim=8, color_layers=1, color_hidden=16, c2f_init_levels=2, c2f_step=4,
             warmup_steps=2, checkpoint_every=4, log_every=1, holdout_eval_views=1, holdout_every=4,
             sfm_points_per_view=8, bg_samples=8, eval_chunk=1024, cos_anneal_steps=6, sfm_loss_steps=8,
-            occ_warmup_steps=4)
+            occ_warmup_steps=4, curvature_weight=5e-4)
 
 
 def ctx() -> Context:
@@ -236,7 +236,8 @@ CI_QUALITY = dict(iterations=400, batch_rays=512, views_per_batch=4, samples_per
                   occ_resolution=24, grid_levels=6, grid_features=2, grid_log2_table=13, grid_base_res=8,
                   grid_max_res=96, sdf_hidden=32, feature_dim=16, color_layers=2, color_hidden=32,
                   c2f_init_levels=3, c2f_step=40, warmup_steps=20, lr=5e-3, lr_grid_mult=4.0, cos_anneal_steps=60,
-                  curvature_warmup_steps=40, sfm_loss_steps=120, checkpoint_every=1000, holdout_eval_views=0,
+                  curvature_weight=5e-4, curvature_warmup_steps=40, sfm_loss_steps=120, checkpoint_every=1000,
+                  holdout_eval_views=0,
                   log_every=50, occ_warmup_steps=50)
 
 

@@ -176,7 +176,8 @@ def test_laplacian_eikonal_and_curvature_on_a_sphere(mode):
 
 def test_schedules():
     cfg = TrainConfig(iterations=1000, grid_levels=8, c2f_init_levels=2, c2f_step=100, warmup_steps=100,
-                      lr_final_ratio=0.1, sfm_loss_steps=400, curvature_warmup_steps=50, eps_start_cells=1.0,
+                      lr_final_ratio=0.1, sfm_loss_steps=400, curvature_weight=5e-4, curvature_warmup_steps=50,
+                      eps_start_cells=1.0,
                       eps_end_cells=0.25, grid_base_res=8, grid_max_res=128)
     spec = GridSpec(8, 2, 14, 8, 128)
     assert [schedule.active_levels(s, cfg, spec) for s in (0, 99, 100, 550, 10_000)] == [2, 2, 3, 7, 8]

@@ -27,7 +27,8 @@ FAST_CPU_TRAIN = {
     "occ_resolution": 32, "grid_levels": 8, "grid_features": 2, "grid_log2_table": 15, "grid_base_res": 8,
     "grid_max_res": 128, "sdf_hidden": 64, "feature_dim": 32, "color_layers": 3, "color_hidden": 64,
     "c2f_init_levels": 4, "c2f_step": 150, "warmup_steps": 50, "lr": 5e-3, "lr_grid_mult": 4.0,
-    "cos_anneal_steps": 300, "curvature_warmup_steps": 200, "sfm_loss_steps": 600, "occ_warmup_steps": 100,
+    "cos_anneal_steps": 300, "curvature_weight": 5e-4, "curvature_warmup_steps": 200, "sfm_loss_steps": 600,
+    "occ_warmup_steps": 100,
     "checkpoint_every": 400, "log_every": 50, "holdout_eval_views": 2,
 }
 
