@@ -229,9 +229,8 @@ def visual_hull(masks, cams: Cameras, res: int = 64, tol: float = 0.2) -> Hull |
     return carve(masks, cams, lo, size, res, tol, init=init)
 
 
-def silhouette(hull: Hull, cams: Cameras, i: int, shape: tuple[int, int], fill: bool = True) -> np.ndarray:
-    """Reproject the hull's surface voxels into view ``i`` as a silhouette (small holes filled
-    unless ``fill`` is False: the hull's own see-through holes then stay open)."""
+def silhouette(hull: Hull, cams: Cameras, i: int, shape: tuple[int, int]) -> np.ndarray:
+    """Reproject the hull's surface voxels into view ``i`` as a filled silhouette."""
     import cv2
 
     out = np.zeros(shape, np.uint8)
@@ -251,7 +250,7 @@ def silhouette(hull: Hull, cams: Cameras, i: int, shape: tuple[int, int], fill: 
         big = cv2.copyMakeBorder(out, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
         big = cv2.morphologyEx(big, cv2.MORPH_CLOSE, disk(r))
         out = big[pad:-pad, pad:-pad]
-    return fill_holes(out > 0) if fill else out > 0
+    return fill_holes(out > 0)
 
 
 def consensus_hull(masks: list[np.ndarray], cams: Cameras | None, res: int = 64) -> Hull | None:
