@@ -349,6 +349,26 @@ def test_without_ground_truth_or_holdout_the_reasons_are_reported(syn, tmp_path)
     assert not none_held["available"] and "no views were held out" in none_held["reason"]
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_after_a_scene_mode_fallback_the_mesh_is_scored_against_the_set_aside_masks(syn, tmp_path, shift):
+    """No masks/ but masks.json's fallback names the set-aside folder: the silhouette IoU is taken
+    against those masks and a mesh far from them gets a warning in metrics.json and the log."""
+    mesh = perturbed_gt(syn / "gt", 0.0)
+    mesh.apply_translation([shift, 0.0, 0.0])
+    inputs = build_inputs(tmp_path / "in", syn, np.eye(4), mesh, gt=False)
+    (inputs["masks"] / "masks").rename(inputs["masks"] / "rejected_masks")
+    (inputs["masks"] / "masks.json").write_text(json.dumps({"method": "none", "fallback": {
+        "from": "grabcut", "reason": "test", "masks": "rejected_masks"}}))
+    cfg = EvaluateConfig(num_samples=2000, iou_max_views=3, render_max_side=160, report_frames=4)
+    m = run_stage(inputs, tmp_path / "out", cfg)["silhouette"]
+    assert m["available"] and m["against"].startswith("masks set aside") and m["num_views"] == 3
+    if shift == 0.0:
+        assert m["mean_iou"] > 0.97 and "warning" not in m
+    else:
+        assert m["mean_iou"] < evaluate.DISAGREE_IOU and "disagree" in m["warning"]
+        assert "rejected_masks/" in m["warning"]
+
+
 def test_training_curves_come_from_tensorboard_else_from_train_json(syn, tmp_path):
     from stages.evaluate.figures import read_scalars
 

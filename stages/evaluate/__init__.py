@@ -28,7 +28,8 @@ import stages.evaluate.metrics as M
 from stages.evaluate.scene import (HOLDOUT_EVERY, EvalScene, find_gt_mesh, gt_info, load_mesh, load_scene,
                                    pick_views, read_json, scaled_camera)
 
-VERSION = "3"  # 3: point-to-surface Chamfer block (geometry.surface)
+VERSION = "4"  # 3: point-to-surface Chamfer block (geometry.surface); 4: IoU against set-aside masks
+DISAGREE_IOU = 0.7  # after a scene-mode fallback: a mesh this far from the set-aside masks gets a warning
 PUBLISH = ("report.html", "metrics.json", "thumbnail.jpg")
 ICP_POINTS = 20000  # reconstruction samples used by ICP
 SURFACE_POINTS = 50000  # samples per side for the point-to-surface Chamfer (no floor: fewer suffice)
@@ -261,8 +262,22 @@ def _iou_summary(ious: dict, against: str) -> dict:
             "per_view": ious}
 
 
+def set_aside_masks(masks_dir: Path) -> Path | None:
+    """The folder of masks the masks stage set aside when it fell back to scene mode, or None."""
+    try:
+        folder = json.loads((masks_dir / "masks.json").read_text()).get("fallback", {}).get("masks")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return masks_dir / folder if folder and (masks_dir / folder).is_dir() else None
+
+
 def evaluate_silhouettes(scene: EvalScene, cfg: Any, ctx: Context) -> dict:
-    mask_dir = scene.inputs["masks"] / "masks"
+    """Silhouette IoU against the masks stage's masks; after a scene-mode fallback against the
+    masks it set aside, with a warning when the two disagree (DISAGREE_IOU)."""
+    mask_dir, against = scene.inputs["masks"] / "masks", "masks stage, SfM cameras"
+    aside = None if mask_dir.is_dir() else set_aside_masks(scene.inputs["masks"])
+    if aside is not None:
+        mask_dir, against = aside, "masks set aside by the masks stage (scene-mode fallback), SfM cameras"
     views, paths = [], []
     for i in pick_views(len(scene.cams), cfg.iou_max_views):
         path = mask_dir / f"{Path(scene.cams.names[i]).stem}.png"
@@ -272,7 +287,13 @@ def evaluate_silhouettes(scene: EvalScene, cfg: Any, ctx: Context) -> dict:
     if not views:
         return {"available": False, "reason": "no masks for this scene"}
     ious = silhouette_ious(scene.vertices, scene.faces, scene.cams, views, paths, cfg.render_max_side, ctx.progress)
-    return _iou_summary(ious, "masks stage, SfM cameras")
+    out = _iou_summary(ious, against)
+    if aside is not None and out["mean_iou"] < DISAGREE_IOU:
+        out["warning"] = (f"the scene-mode mesh and the masks set aside in {aside.name}/ disagree (mean silhouette "
+                          f"IoU {out['mean_iou']:.2f} < {DISAGREE_IOU:g}): at least one of them is wrong; look at "
+                          "the mesh before using it")
+        ctx.log.warning("evaluate: %s", out["warning"])
+    return out
 
 
 def evaluate_gt_silhouettes(scene: EvalScene, alignment: dict, cfg: Any, ctx: Context) -> dict:

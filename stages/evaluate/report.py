@@ -98,7 +98,8 @@ def metrics_section(m: dict) -> str:
         s = m[key]
         if s.get("available"):
             rows.append([f"{label} (mean)", s["mean_iou"],
-                         f"{s['against']}; {s['num_views']} views, min {s['min_iou']:.3f} ({s['worst_view']})"])
+                         f"{s['against']}; {s['num_views']} views, min {s['min_iou']:.3f} ({s['worst_view']})"
+                         + (f". Warning: {s['warning']}" if s.get("warning") else "")])
         elif key == "silhouette":
             rows.append([label, None, s.get("reason", "")])
     p = m["psnr"]
