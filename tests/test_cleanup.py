@@ -379,3 +379,19 @@ def test_scene_mode_fallback_cuts_the_object_out(scene, tmp_path, fallback):
     dist, _ = cKDTree(gt_mesh.vertices).query(mesh.vertices)
     assert dist.max() < 1e-6  # nothing of the ground or the floater; the cap closes the cut without new vertices
     assert 0.97 < mesh.volume / gt_mesh.volume < 1.0  # only the soles of the feet are cut
+
+
+def test_isolate_cut_fails_in_one_line_when_nothing_stands_near_the_centre():
+    from stages.cleanup import isolate
+
+    ground = trimesh.creation.box([2.0, 2.0, 0.1]).apply_translation([0, 0, -0.05])
+    far = trimesh.creation.icosphere(2, 0.1).apply_translation([0.9, 0.0, 0.3])  # above the plane, off centre
+    mesh = trimesh.util.concatenate([ground, far])
+    plane = (np.array([0.0, 0.0, 1.0]), 0.0)
+    keep, info = isolate.cut(np.asarray(mesh.vertices), np.asarray(mesh.faces), plane, [0.9, 0, 0.3], 1.0)
+    assert keep.sum() == len(far.faces) and info["pieces_kept"] == 1
+    with pytest.raises(StageError, match=r"^cleanup: no surface within 0.5 sphere radii") as err:
+        isolate.cut(np.asarray(mesh.vertices), np.asarray(mesh.faces), plane, [0, 0, 0.3], 1.0)
+    assert "\n" not in str(err.value)
+    assert isolate.wanted("fallback", False, None) is False and isolate.wanted("always", False, None) is True
+    assert isolate.wanted("always", True, None) is False and isolate.wanted("never", False, None) is False
