@@ -362,7 +362,7 @@ def test_scene_mode_fallback_cuts_the_object_out(scene, tmp_path, fallback):
     out.mkdir()
     raw = trimesh.util.concatenate([gt_mesh, *parts])
     write_ply(mesh_dir / "mesh_raw.ply", np.asarray(raw.vertices), np.asarray(raw.faces))
-    report = cleanup.run({"mesh": mesh_dir, "sfm": scene, **inputs}, CleanupConfig(min_component_ratio=0.0), out,
+    report = cleanup.run({"mesh": mesh_dir, "sfm": scene, **inputs}, CleanupConfig(), out,
                          Context(scene="t", progress=False))
     mesh = trimesh.load(out / "mesh.ply", process=False)
     if not fallback:

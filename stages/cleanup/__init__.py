@@ -334,12 +334,11 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     views = load_views(inputs["sfm"], inputs.get("masks"), cfg.max_views)
     v, f, welded = weld(raw_v, raw_f)  # coincident vertices would merge on load: repair what that breaks
     v, f = remove_duplicates(v, f)
-    v, f, removed = remove_small_components(v, f, cfg.min_component_ratio)
-    report.update(vertices_welded=welded, faces_culled=0, faces_unseen=None, cull="off")
-    isolated = None
+    isolated = None  # before small pieces go: next to the ground, the object may be one
     if isolate.wanted(cfg.isolate, views.mask_dir is not None, inputs.get("masks")):
         v, f, isolated = _isolate(v, f, views, inputs.get("sfm_points"), ctx)
-    report["isolated"] = isolated
+    v, f, removed = remove_small_components(v, f, cfg.min_component_ratio)
+    report.update(vertices_welded=welded, faces_culled=0, faces_unseen=None, cull="off", isolated=isolated)
     if cfg.cull and views.mask_dir is None:
         report["cull"] = "skipped: no masks"
         ctx.log.info("cleanup: no masks, faces are not culled")
