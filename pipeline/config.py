@@ -197,6 +197,7 @@ class TrainConfig:
     weight_norm: bool = opt(True, "weight normalisation in the SDF and colour MLPs")
     color_layers: int = opt(4, "hidden layers of the colour MLP (IDR style: x, view dir, normal, feature)", bounds="[1, 64]")
     color_hidden: int = opt(256, "width of the colour MLP", bounds="[1, 65536]")
+    appearance_dim: int = opt(0, "per-photo appearance code fed to the colour MLP (NeRF-W / nerfstudio style: exposure and white balance that change between photos; 0 = off); held-out views and mesh colours use the training views' mean code", bounds="[0, 1024]")
     sh_levels: int = opt(4, "spherical-harmonics levels of the view direction (levels^2 values, at most 4)", bounds="[1, 4]")
     inv_s_init: float = opt(20.0, "initial NeuS inverse standard deviation (learned)", bounds="(0, inf)")
     cos_anneal_steps: int = opt(2000, "NeuS cos annealing from 0 to 1 over this many steps (0 = off)", bounds="[0, inf)")

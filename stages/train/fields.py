@@ -130,18 +130,20 @@ class SDFNetwork(nn.Module):
 
 
 class ColorNetwork(nn.Module):
-    """IDR colour: (x, normal, SH(view dir), feature) -> RGB in [0, 1]."""
+    """IDR colour: (x, normal, SH(view dir), feature[, appearance code]) -> RGB in [0, 1]."""
 
     def __init__(self, cfg):
         super().__init__()
         self.sh_levels = int(cfg.sh_levels)
-        dims = [3 + 3 + self.sh_levels ** 2 + cfg.feature_dim] + [cfg.color_hidden] * cfg.color_layers + [3]
+        n_in = 3 + 3 + self.sh_levels ** 2 + cfg.feature_dim + cfg.appearance_dim
+        dims = [n_in] + [cfg.color_hidden] * cfg.color_layers + [3]
         self.layers = nn.ModuleList(Linear(a, b, cfg.weight_norm) for a, b in zip(dims[:-1], dims[1:]))
         for lin in self.layers:
             lin.finish_init()
 
-    def forward(self, x, normal, view_dir, feature) -> torch.Tensor:
-        h = torch.cat([x, normal, spherical_harmonics(view_dir, self.sh_levels), feature], -1)
+    def forward(self, x, normal, view_dir, feature, appearance: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [x, normal, spherical_harmonics(view_dir, self.sh_levels), feature]
+        h = torch.cat(parts if appearance is None else [*parts, appearance.to(feature.dtype)], -1)
         for lin in self.layers[:-1]:
             h = F.relu(lin(h))
         return torch.sigmoid(self.layers[-1](h).float())
@@ -171,14 +173,28 @@ class BackgroundField(nn.Module):
 
 
 class NeuSModel(nn.Module):
-    """All trainable parts; ``background`` is None in object mode."""
+    """All trainable parts; ``background`` is None in object mode, ``appearance`` (one code per
+    training view, zeros at the start) None unless ``cfg.appearance_dim``."""
 
-    def __init__(self, cfg, scene_mode: bool, backend: str = "torch"):
+    def __init__(self, cfg, scene_mode: bool, backend: str = "torch", num_views: int = 0):
         super().__init__()
         self.sdf = SDFNetwork(cfg, backend)
         self.color = ColorNetwork(cfg)
         self.variance = nn.Parameter(torch.tensor(math.log(cfg.inv_s_init) / 10.0))
         self.background = BackgroundField(cfg.bg_max_res) if scene_mode else None
+        self.appearance = None
+        if cfg.appearance_dim > 0:
+            self.appearance = nn.Embedding(max(1, num_views), cfg.appearance_dim)
+            nn.init.zeros_(self.appearance.weight)
+
+    def codes(self, ray_views: torch.Tensor | None, rays: int) -> torch.Tensor | None:
+        """Appearance code per ray (R, A): the ray's view's, or with ``ray_views`` None (a view not
+        trained on) the mean of the training views'; None without codes."""
+        if self.appearance is None:
+            return None
+        if ray_views is None:
+            return self.appearance.weight.mean(0, keepdim=True).expand(rays, -1)
+        return self.appearance(ray_views)
 
     def inv_s(self) -> torch.Tensor:
         return torch.exp(self.variance * 10.0).clamp(1e-3, 1e6)

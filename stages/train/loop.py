@@ -93,7 +93,7 @@ def setup(scene: SceneData, train_views: np.ndarray, cfg, device: torch.device, 
     if len(train_views) == 0:
         raise StageError("train: no views left to train on (all held out or without masks)")
     backend = resolve_backend(cfg, device)
-    model = NeuSModel(cfg, scene_mode=not object_mode, backend=backend).to(device)
+    model = NeuSModel(cfg, scene_mode=not object_mode, backend=backend, num_views=len(train_views)).to(device)
     groups = model.param_groups(cfg.lr, cfg.lr_grid_mult, cfg.lr_inv_s_mult)
     masks = scene.masks[train_views] if object_mode else None
     sampler = RaySampler(scene.images[train_views], masks, scene.K[train_views], scene.c2w[train_views],
@@ -185,12 +185,12 @@ def loss_terms(run: Run) -> tuple[str, ...]:
 
 
 def render_losses(model, o, d, target, mask, bg, sfm_points, sfm_valid, grid, opts: RenderOptions,
-                  weights: dict) -> tuple[torch.Tensor, dict]:
+                  weights: dict, codes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Render the batch and weigh the loss terms: the part of a step that ``torch.compile``
     takes whole (``Run.loss_fn``). ``weights`` holds the terms in the total, and ``opts`` epsilon
     and cos annealing, as 0-d tensors (``step_scalars``), so a changing schedule value is an input
     and not a recompile."""
-    out = render_rays(model, o, d, grid, opts, bg, extra_points=sfm_points)
+    out = render_rays(model, o, d, grid, opts, bg, extra_points=sfm_points, codes=codes)
     terms = {"rgb": losses.rgb_l1(out["rgb"], target),
              "eikonal": losses.eikonal(out["grad"], out["valid"]),
              "curvature": losses.curvature(out["lap"], out["valid"])}
@@ -225,8 +225,9 @@ def compute_losses(run: Run, weights: dict) -> tuple[torch.Tensor, dict]:
     if run.loss_fn is not None and step_mode(cfg, run.device):
         torch.compiler.cudagraph_mark_step_begin()
     # the occupancy grid is all occupied until its first update (occ_warmup_steps): uniform samples
+    codes = run.model.codes(batch.ray_views, batch.ray_views.shape[0])  # eager lookup, as the cameras
     return (run.loss_fn or render_losses)(run.model, origins, dirs, target, mask, bg,
-                                          *(sfm if sfm is not None else (None, None)), run.occ, run.opts, live)
+                                          *(sfm if sfm is not None else (None, None)), run.occ, run.opts, live, codes)
 
 
 def optimise(run: Run, loss: torch.Tensor, finite: bool = True) -> bool:

@@ -29,7 +29,8 @@ def load_model(model_dir: Path, device="cpu") -> tuple[NeuSModel, dict]:
         raise InputError(f"{path}: no trained model; rerun the train stage")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     cfg = config_from_dict(payload["config"])
-    model = NeuSModel(cfg, scene_mode=not payload["object_mode"])
+    codes = payload["model"].get("appearance.weight")
+    model = NeuSModel(cfg, scene_mode=not payload["object_mode"], num_views=0 if codes is None else len(codes))
     model.load_state_dict(payload["model"])
     model.sdf.set_active_levels(int(payload["active_levels"]))
     model = model.to(device).eval()
@@ -80,7 +81,7 @@ def load_color(model_dir: Path, device="cpu", chunk: int = 1 << 16):
             p = pts[i:i + chunk]
             _, feat, grad, _ = sdf_and_gradients(model.sdf, p, eps, "central6", need_laplacian=False)
             normal = torch.nn.functional.normalize(grad, dim=-1)
-            out.append(model.color(p, normal, -normal, feat))
+            out.append(model.color(p, normal, -normal, feat, model.codes(None, len(p))))
         return torch.cat(out) if out else pts.new_zeros(0, 3)
 
     color.unit_to_world = np.asarray(payload["scene"]["unit_to_world"])

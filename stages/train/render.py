@@ -136,11 +136,12 @@ def background_samples(o, d, t_start, n: int, perturb: bool):
 
 
 def render_rays(model, o, d, grid, opts: RenderOptions, bg_color: torch.Tensor | None = None,
-                extra_points: torch.Tensor | None = None) -> dict:
+                extra_points: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> dict:
     """Render rays (R, 3) in unit coordinates. Returns rgb (R, 3), opacity (R,), depth (R,) and the
     per-sample sdf, gradient, laplacian and ``valid`` (samples on rays that hit the sphere).
     ``extra_points`` (E, 3) ride along in the same SDF call (one compiled graph); their SDF
-    comes back as ``extra_sdf``."""
+    comes back as ``extra_sdf``. ``codes`` (R, A): the rays' appearance codes (``NeuSModel.codes``;
+    None: the mean code when the model has codes)."""
     near, far, hit = sphere_hits(o, d, opts.near_min)
     mids, dists = place_samples(o, d, near, far, grid, opts)
     r, n = mids.shape
@@ -154,8 +155,11 @@ def render_rays(model, o, d, grid, opts: RenderOptions, bg_color: torch.Tensor |
     if n_extra:
         pts, sdf, feat, grad, lap = pts[:r * n], sdf[:r * n], feat[:r * n], grad[:r * n], lap[:r * n]
     normal = F.normalize(grad, dim=-1)
+    codes = model.codes(None, r) if codes is None and getattr(model, "appearance", None) is not None else codes
+    app = None if codes is None else codes[:, None].expand(r, n, codes.shape[-1]).reshape(r * n, -1)
     with torch.autocast(pts.device.type, dtype=opts.amp_dtype or torch.bfloat16, enabled=opts.amp_dtype is not None):
-        rgb = model.color(pts, normal, dirs, feat).float().view(r, n, 3)
+        rgb = (model.color(pts, normal, dirs, feat) if app is None else
+               model.color(pts, normal, dirs, feat, app)).float().view(r, n, 3)
     alpha = neus_alpha(sdf, grad, dirs, dists.reshape(-1), model.inv_s(), opts.cos_anneal).view(r, n)
     if model.background is not None:
         weights, color = _merge_background(model, o, d, mids, alpha, rgb, opts, far, hit)
