@@ -333,3 +333,55 @@ def test_masks_that_bound_a_sliver_fail_the_stage_in_one_line(scene, tmp_path):
         Image.fromarray(tiny).save(path)
     with pytest.raises(StageError, match=r"implausible bounds .*radius .* x the radius .*masks.method=none"):
         run_stage(inputs, tmp_path / "out", mask_vote=1.0)
+
+
+def _sphere_masks(cams, centre: np.ndarray, radius: float) -> list[np.ndarray]:
+    """Exact silhouettes of a ball: pixels whose ray (through the pixel centre) meets it."""
+    cols, rows = np.meshgrid(np.arange(cams.width) + 0.5, np.arange(cams.height) + 0.5)
+    masks = []
+    for v in range(len(cams)):
+        rays = np.stack([(cols - cams.K[v, 0, 2]) / cams.K[v, 0, 0], (rows - cams.K[v, 1, 2]) / cams.K[v, 1, 1],
+                         np.ones_like(cols)], -1) @ cams.c2w[v, :3, :3].T
+        rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
+        to_c = centre - cams.centers[v]
+        along = rays @ to_c
+        masks.append((along > 0) & (to_c @ to_c - along ** 2 <= radius ** 2))
+    return masks
+
+
+@pytest.mark.parametrize("ball_radius", [0.2, 0.3])
+def test_visual_hull_carves_what_projects_off_a_frame_that_holds_the_whole_object(ball_radius, monkeypatch):
+    """A ball seen by a ring of 8 views whose frames hold it with little room to spare: the space
+    beside it towards each camera is inside the silhouette in the views that see it and off the
+    frame of those that would carve it away. A mask clear of the border shows the whole object,
+    so off its frame counts as outside and the hull is the ball. A larger ball is cut by every
+    frame: the masks reach the border and nothing is carved off frame (the same hull as with
+    off-frame carving disabled, covering the part of the ball that most views frame)."""
+    from scipy.spatial import cKDTree
+
+    from pipeline.synthetic import SceneSpec, orbit_cameras
+
+    # half the frame spans 0.24 at the centre's distance: 0.04 clear of the smaller ball's outline
+    spec = SceneSpec(num_views=8, width=200, height=200, radius=3.0, elevation_deg=0.0, elevation_wobble_deg=0.0,
+                     fov_deg=2.0 * np.degrees(np.arctan(0.24 / 3.0)))
+    centre = np.array([0.0, 0.0, 1.0])
+    cams = orbit_cameras(spec, centre)
+    masks = _sphere_masks(cams, centre, ball_radius)
+    clear = ball_radius < 0.24
+    assert [bounds._reaches_border(m) for m in masks] == [not clear] * len(cams)
+    voxels, size = bounds.visual_hull(cams, lambda i: masks[i], 48)
+    dist = np.linalg.norm(voxels - centre, axis=1)
+    pad = 0.5 * np.sqrt(3.0) * size
+    top = 1.5 if clear else 0.6  # the larger ball's poles are off every frame: unseen, not kept
+    surface = np.array([[np.cos(a) * np.cos(e), np.sin(a) * np.cos(e), np.sin(e)]
+                        for a in np.linspace(0, 2 * np.pi, 48, endpoint=False)
+                        for e in np.linspace(-top, top, 13)]) * ball_radius + centre
+    assert cKDTree(voxels).query(surface)[0].max() <= pad  # covers the ball
+    monkeypatch.setattr(bounds, "_reaches_border", lambda mask: True)  # no off-frame carving
+    unseen, _ = bounds.visual_hull(cams, lambda i: masks[i], 48)
+    if clear:  # left uncarved off frame, the ghosts reach 2.3 x the ball's radius
+        assert np.linalg.norm(unseen - centre, axis=1).max() > 2.0 * ball_radius
+        assert dist.max() <= 1.15 * ball_radius, (dist.max(), ball_radius, size)
+        assert abs(bounds.min_enclosing_ball(voxels)[1] - ball_radius) <= 0.15 * ball_radius
+    else:
+        np.testing.assert_array_equal(voxels, unseen)

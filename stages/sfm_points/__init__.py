@@ -7,8 +7,8 @@ the unit sphere), ``transforms.json`` (sfm's cameras + ``sphere_center``, ``sphe
 relative to this folder, so nerfstudio or instant-ngp can read it here), ``points.npy`` (M, 3)
 float32 world, ``view_offsets.npy`` / ``view_indices.npy`` (int64 CSR over the views in
 transforms.json order: view v sees ``points[view_indices[view_offsets[v]:view_offsets[v + 1]]]``)
-and ``sfm_points.json`` (counts before and after each filter). A point is listed for a view only when the view observes it in
-the COLMAP model and its projection lies inside that view's image and mask.
+and ``sfm_points.json`` (counts before and after each filter). A point is listed for a view only
+when the view observes it in the COLMAP model and its projection lies inside that view's image and mask.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from pipeline.cameras import (Cameras, frame_paths, load_transforms, orbit_dista
 from pipeline.dag import Context
 from pipeline.errors import InputError, StageError
 
-VERSION = "4"  # 3: transforms.json paths relative to its folder, mask_path, aabb_scale; 4: hull cut at the plane
+VERSION = "5"  # 3: transforms.json paths relative to its folder, mask_path, aabb_scale; 4: hull cut at the plane;
+# 5: carving also off the frame of views whose mask keeps clear of the image border
 CACHE_MASK_BYTES = 512 << 20  # keep decoded masks in memory when they fit in this
 
 

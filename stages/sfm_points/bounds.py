@@ -1,8 +1,10 @@
 """Bounding sphere of the object for the ``sfm_points`` stage.
 
 With masks: carve a coarse visual hull (a voxel survives when it projects inside, or within its
-own projected radius of, the mask in nearly all views that see it), refine the grid around it,
-add the SfM points that fall inside the masks, and take the minimum enclosing ball x margin.
+own projected radius of, the mask in nearly all views that see it; a view whose mask keeps clear
+of the image border sees the whole object, so it also carves what projects off its frame), refine
+the grid around it, add the SfM points that fall inside the masks, and take the minimum enclosing
+ball x margin.
 Without masks: SfM points inside most views' frusta, percentile-trimmed around the cameras'
 common look-at point, capped by the sphere that the median view frames. Either way the sphere
 keeps clear of every camera centre.
@@ -22,6 +24,11 @@ MAX_COARSE = 4  # coarse passes, each over the padded previous hull, before the 
 PIXEL_SLACK = 1.0  # pixels: a mask pixel stands for its whole square, and masks are sampled
 MIN_SEEN_RATIO = 0.5  # a voxel must project inside at least this share of the images
 OUTLIER_VIEW_RATIO = 0.1  # ... and may fall outside the mask in at most this share of those
+# A mask within this share of the image's shorter side (at least BORDER_MIN_PX) of its border may be cut
+# by the frame; one farther in holds the whole object, so a voxel projecting off that image (farther
+# than its radius from the mask) is outside it. Generous: masks tend to shrink near the border.
+BORDER_RATIO = 0.05
+BORDER_MIN_PX = 3
 POINT_SLACK = 1.5  # SfM points farther than this x the hull radius from its centre are ignored
 CAMERA_CLEARANCE = 0.95  # the radius stays below this x the distance to the nearest camera
 NO_MASK_PERCENTILE = 90.0  # no masks: radius = this percentile of the shared points' distances
@@ -95,7 +102,9 @@ def carve(cams: Cameras, mask_at: Callable[[int], np.ndarray | None], lo: np.nda
     """Voxel centres (K, 3) of the visual hull over the box [lo, hi] and the voxel size.
 
     A voxel counts as inside a view's mask when its centre projects within its own projected
-    radius (+ PIXEL_SLACK) of a mask pixel centre, so thin parts survive a coarse grid.
+    radius (+ PIXEL_SLACK) of a mask pixel centre, so thin parts survive a coarse grid. Off the
+    image it is unseen, except that a view whose mask keeps clear of the border (the whole object
+    in frame) counts it outside when it lies farther than its radius from the mask.
     """
     import cv2
 
@@ -104,6 +113,7 @@ def carve(cams: Cameras, mask_at: Callable[[int], np.ndarray | None], lo: np.nda
     alive = np.arange(len(centers))  # voxels not yet carved away for sure
     seen = np.zeros(len(centers), np.int32)
     outside = np.zeros(len(centers), np.int32)
+    carved_off = np.zeros(len(centers), np.int32)  # views that hold the whole object and see the voxel off frame
     max_outside = math.floor(OUTLIER_VIEW_RATIO * len(cams))
     w2c, voting = cams.w2c, 0
     for i in range(len(cams)):
@@ -118,15 +128,45 @@ def carve(cams: Cameras, mask_at: Callable[[int], np.ndarray | None], lo: np.nda
         depth = (w2c[i][2, :3].astype(np.float32) @ pts_t) + np.float32(w2c[i][2, 3])
         with np.errstate(divide="ignore", invalid="ignore"):
             u, v = uvw[0] / uvw[2], uvw[1] / uvw[2]
-        hit = np.flatnonzero((depth > 1e-9) & (u >= 0) & (u < cams.width) & (v >= 0) & (v < cams.height))
+        in_image = (depth > 1e-9) & (u >= 0) & (u < cams.width) & (v >= 0) & (v < cams.height)
+        hit = np.flatnonzero(in_image)
         px = dist[v[hit].astype(np.int64), u[hit].astype(np.int64)]
         reach = cams.K[i, 0, 0] * half_diag / depth[hit] + PIXEL_SLACK
         idx = alive[hit]
         seen[idx] += 1
         outside[idx] += px > reach
+        if not _reaches_border(mask):  # the whole object is in frame: what projects outside is not it
+            off = np.flatnonzero(~in_image & (depth > 2.0 * half_diag))
+            off = alive[off[_outside_frame(cams.K[i], dist, u[off], v[off], depth[off], half_diag)]]
+            carved_off[off] += 1
+            outside[off] += 1
         alive = alive[outside[alive] <= max_outside]
-    keep = (seen >= max(2, math.ceil(MIN_SEEN_RATIO * voting))) & (outside <= np.floor(OUTLIER_VIEW_RATIO * seen))
+    # off-frame votes only ever carve: they count as views that see the voxel outside the mask,
+    # never towards MIN_SEEN_RATIO
+    keep = (seen >= max(2, math.ceil(MIN_SEEN_RATIO * voting))) & \
+        (outside <= np.floor(OUTLIER_VIEW_RATIO * (seen + carved_off)))
     return centers[keep], size
+
+
+def _reaches_border(mask: np.ndarray) -> bool:
+    """Whether the mask comes near the image border (BORDER_RATIO): the object may go on out of frame."""
+    b = max(BORDER_MIN_PX, math.ceil(BORDER_RATIO * min(mask.shape)))
+    return bool(mask[:b].any() or mask[-b:].any() or mask[:, :b].any() or mask[:, -b:].any())
+
+
+def _outside_frame(K: np.ndarray, dist: np.ndarray, u: np.ndarray, v: np.ndarray, depth: np.ndarray,
+                   half_diag: float) -> np.ndarray:
+    """Per voxel projecting off the image at (u, v) (in front of the camera): True when it lies
+    farther than its projected radius from every mask pixel. With c the nearest image point
+    and q a mask pixel, (p - c).(q - c) <= 0, so |p - q|^2 >= |p - c|^2 + dist(c)^2: a lower
+    bound of the distance. The projected radius grows off-axis (x (1 + tan^2) at most)."""
+    h, w = dist.shape
+    cu, cv = np.clip(u, 0.0, w - 1e-3), np.clip(v, 0.0, h - 1e-3)
+    at_edge = dist[cv.astype(np.int64), cu.astype(np.int64)]
+    lower = np.sqrt((u - cu) ** 2 + (v - cv) ** 2 + at_edge.astype(np.float64) ** 2)
+    tan2 = ((u - K[0, 2]) / K[0, 0]) ** 2 + ((v - K[1, 2]) / K[1, 1]) ** 2
+    reach = K[0, 0] * half_diag / depth * (1.0 + tan2) + PIXEL_SLACK
+    return lower > reach
 
 
 def visual_hull(cams: Cameras, mask_at: Callable[[int], np.ndarray | None], res: int) -> tuple[np.ndarray, float]:
