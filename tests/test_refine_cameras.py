@@ -138,7 +138,10 @@ class AnalyticModel(torch.nn.Module):
         feat = x[feature_rows if feature_rows is not None else slice(None), :1]
         return sdf / self.scale, feat
 
-    def color(self, x, normal, view_dir, feature):
+    def codes(self, ray_views, rays):
+        return None  # no appearance codes
+
+    def color(self, x, normal, view_dir, feature, appearance=None):
         light = torch.as_tensor(train_inputs.LIGHT, dtype=x.dtype)
         tex = train_inputs._texture(self.world(x), 9.0, np.array([[0.9, 0.35, 0.2], [0.2, 0.5, 0.85]]))
         return tex * (0.4 + 0.6 * (normal * light).sum(-1).clamp_min(0))[:, None]

@@ -155,11 +155,10 @@ def render_rays(model, o, d, grid, opts: RenderOptions, bg_color: torch.Tensor |
     if n_extra:
         pts, sdf, feat, grad, lap = pts[:r * n], sdf[:r * n], feat[:r * n], grad[:r * n], lap[:r * n]
     normal = F.normalize(grad, dim=-1)
-    codes = model.codes(None, r) if codes is None and getattr(model, "appearance", None) is not None else codes
+    codes = model.codes(None, r) if codes is None else codes
     app = None if codes is None else codes[:, None].expand(r, n, codes.shape[-1]).reshape(r * n, -1)
     with torch.autocast(pts.device.type, dtype=opts.amp_dtype or torch.bfloat16, enabled=opts.amp_dtype is not None):
-        rgb = (model.color(pts, normal, dirs, feat) if app is None else
-               model.color(pts, normal, dirs, feat, app)).float().view(r, n, 3)
+        rgb = model.color(pts, normal, dirs, feat, app).float().view(r, n, 3)
     alpha = neus_alpha(sdf, grad, dirs, dists.reshape(-1), model.inv_s(), opts.cos_anneal).view(r, n)
     if model.background is not None:
         weights, color = _merge_background(model, o, d, mids, alpha, rgb, opts, far, hit)
