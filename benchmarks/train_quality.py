@@ -71,6 +71,24 @@ def generate_shape(name: str, workdir: Path, views: int, width: int, height: int
     return generate_scene(BY_NAME[name], workdir / "shapes", views, width, height) / "gt"
 
 
+def scene_gt_dir(args) -> Path:
+    """The gt/ folder of the scene the arguments name (rendered on first use): ``--shape`` or spot."""
+    if args.shape:
+        return generate_shape(args.shape, args.workdir, args.views, args.width, args.height)
+    return generate_scene(args.workdir, args.views, args.width, args.height, getattr(args, "seed", 0))
+
+
+def from_synthetic_scene(args, inputs_root: Path) -> tuple[dict, object, Path]:
+    """Train inputs built afresh in ``inputs_root`` from that scene's ground truth: (inputs, GT
+    surface points, gt/ folder)."""
+    from train_inputs import from_synthetic
+
+    gt_dir = scene_gt_dir(args)
+    shutil.rmtree(inputs_root, ignore_errors=True)
+    inputs, gt_points = from_synthetic(gt_dir, inputs_root)
+    return inputs, gt_points, gt_dir
+
+
 def train_config(preset: str, overrides: list[str], ablations: list[str], iterations: int | None):
     import dataclasses
 
@@ -193,7 +211,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.dag import Context
-    from train_inputs import analytic_scene, from_synthetic
+    from train_inputs import analytic_scene
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -201,12 +219,10 @@ def main(argv=None) -> int:
     inputs_root = args.workdir / f"inputs_{args.name or tag}"  # per run: runs side by side rebuild their own
     t0 = time.perf_counter()
     if args.scene == "spot":
-        gt_dir = generate_shape(args.shape, args.workdir, args.views, args.width, args.height) if args.shape \
-            else generate_scene(args.workdir, args.views, args.width, args.height, args.seed)
         if args.generate_only:
+            scene_gt_dir(args)
             return 0
-        shutil.rmtree(inputs_root, ignore_errors=True)
-        inputs, gt_points = from_synthetic(gt_dir, inputs_root)
+        inputs, gt_points, gt_dir = from_synthetic_scene(args, inputs_root)
     else:
         shutil.rmtree(inputs_root, ignore_errors=True)
         inputs, gt_points = analytic_scene(inputs_root, args.views, args.width, args.height)

@@ -83,3 +83,20 @@ def test_a_run_learns_a_code_per_training_view_and_resumes_bit_identically(scene
         run_stage(scene, cfg, tmp_path / "b", ctx(), hook=sigterm_at(5))
     train.run(scene, cfg, tmp_path / "b", ctx())
     assert json.loads((tmp_path / "b" / "train.json").read_text())["history"] == full["history"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled step and CUDA graphs are tested on CUDA")
+def test_compiled_and_graph_steps_learn_the_codes_of_the_eager_step(scene, tmp_path):
+    """On CUDA the codes of a step's rays are looked up eagerly and enter the compiled step (and
+    its CUDA-graph replay) as inputs: the same loss curve and the same codes as eager steps."""
+    import numpy as np
+    from train_inputs import eager_compiled_graph_runs
+
+    runs = eager_compiled_graph_runs(scene, {**TINY, "holdout_eval_views": 0, "appearance_dim": 4}, tmp_path)
+    codes = {name: torch.load(tmp_path / name / "model.pt", weights_only=True)["model"]["appearance.weight"]
+             for name in runs}
+    assert codes["eager"].abs().sum() > 0
+    for name in ("compiled", "graphs"):
+        np.testing.assert_allclose([h["loss"] for h in runs[name]["history"]],
+                                   [h["loss"] for h in runs["eager"]["history"]], rtol=1e-3)
+        torch.testing.assert_close(codes[name], codes["eager"], rtol=0, atol=1e-4)

@@ -275,27 +275,12 @@ def test_compiled_and_graph_steps_refine_as_the_eager_step(scene, tmp_path, back
     """On CUDA the corrected rays enter the compiled step (and its CUDA-graph replay) as inputs
     with gradients: the same loss curve and corrections as eager steps (eager random numbers),
     one graph, no fallback, no graph skipped."""
-    import torch._dynamo
-    import torch._inductor.config
-    from torch._dynamo.utils import counters
-
     from stages.train.external import triton_available
 
     if backend == "triton" and not triton_available():
         pytest.skip("no triton")
-    cuda = Context(scene="test", device="cuda", progress=False, log=logging.getLogger("test_refine_cameras"))
     base = {**TINY, "holdout_eval_views": 0, "grid_backend": backend, "refine_cameras": True}
-    runs = {}
-    with torch._inductor.config.patch(fallback_random=True):
-        for name, change in (("eager", {"compile": "off"}), ("compiled", {"compile": "on", "cuda_graphs": "off"}),
-                             ("graphs", {"compile": "on", "cuda_graphs": "on"})):
-            torch._dynamo.reset()
-            counters.clear()
-            run_stage(scene, TrainConfig(**base, **change), tmp_path / name, cuda)
-            info = json.loads((tmp_path / name / "train.json").read_text())
-            assert info["compiled"] == (name != "eager") and info["nonfinite_recoveries"] == 0
-            assert counters["inductor"]["cudagraph_skips"] == 0
-            runs[name] = info
+    runs = train_inputs.eager_compiled_graph_runs(scene, base, tmp_path)
     for name in ("compiled", "graphs"):
         np.testing.assert_allclose([h["loss"] for h in runs[name]["history"]],
                                    [h["loss"] for h in runs["eager"]["history"]], rtol=1e-3)

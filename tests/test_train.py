@@ -216,7 +216,7 @@ def test_missing_input_is_an_input_error(scene, tmp_path):
         train.run(inputs, TrainConfig(**TINY), tmp_path / "out", ctx())
 
 
-@pytest.mark.parametrize("preset", ["fast_cpu", "default", "neuralangelo"])
+@pytest.mark.parametrize("preset", ["fast_cpu", "default", "quality", "neuralangelo"])
 def test_presets_run_two_steps(scene, tmp_path, preset):
     """Every preset's network sizes and schedules work (two steps on CPU, fewer rays, a coarse
     occupancy grid; the Neuralangelo table shrunk from 2^22 to 2^16 entries per level)."""

@@ -344,3 +344,32 @@ def sigterm_at(step_to_stop: int):
             os.kill(os.getpid(), signal.SIGTERM)
         return loss
     return hook
+
+
+def eager_compiled_graph_runs(scene: dict[str, Path], base: dict, root: Path) -> dict[str, dict]:
+    """Train ``base`` three times on CUDA: eager, compiled, compiled + CUDA graphs, with eager
+    random numbers so the runs can be compared step for step. Asserts each compiled as asked,
+    recovered from nothing and skipped no graph; returns the three train.json dicts by name."""
+    import logging
+
+    import torch._dynamo
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    from pipeline.config import TrainConfig
+    from pipeline.dag import Context
+    from stages.train.stage import run_stage
+
+    cuda = Context(scene="test", device="cuda", progress=False, log=logging.getLogger("train_inputs"))
+    runs = {}
+    with torch._inductor.config.patch(fallback_random=True):
+        for name, change in (("eager", {"compile": "off"}), ("compiled", {"compile": "on", "cuda_graphs": "off"}),
+                             ("graphs", {"compile": "on", "cuda_graphs": "on"})):
+            torch._dynamo.reset()
+            counters.clear()
+            run_stage(scene, TrainConfig(**base, **change), root / name, cuda)
+            info = json.loads((root / name / "train.json").read_text())
+            assert info["compiled"] == (name != "eager") and info["nonfinite_recoveries"] == 0
+            assert counters["inductor"]["cudagraph_skips"] == 0
+            runs[name] = info
+    return runs
