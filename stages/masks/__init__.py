@@ -32,7 +32,7 @@ from stages.masks import seeds
 from stages.masks.checks import check_usable, consistency, implausible
 import stages.masks.post as post
 
-VERSION = "5"
+VERSION = "6"
 WORK_DIR = "_grabcut_work"
 REJECTED_DIR = "rejected_masks"  # computed masks that failed the plausibility check, kept to look at
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.cameras import Cameras, orbit_distance, project, supporting_plane
 import stages.masks.post as post
-from stages.masks import refine
+from stages.masks import holes, refine
 
 GC_BGD, GC_FGD, GC_PR_BGD, GC_PR_FGD = 0, 1, 2, 3
 MIN_WORK_SIDE = 320  # small object regions are upsampled (up to MAX_UPSCALE) for sub-pixel edges
@@ -314,10 +314,11 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
             obj_pts: np.ndarray, cfg, work_dir: Path, final: dict[str, np.ndarray | None],
             save_final: Callable[[str, np.ndarray], None], log: logging.Logger, bar=iter,
             threads: int = 1, hull_pts: np.ndarray | None = None, seed_hull: post.Hull | None = None,
-            seen: tuple[dict, int] | None = None) -> dict:
+            seen: tuple[dict, int] | None = None, ground_seen: dict[int, np.ndarray] | None = None) -> dict:
     """Run all passes. ``final[stem]`` holds already finished masks (None = to compute);
     ``save_final`` writes a finished mask. Intermediate masks live in ``work_dir/pass<k>/``.
-    ``threads`` frames are segmented at once."""
+    ``threads`` frames are segmented at once. ``ground_seen`` (per view, what the stereo sees the
+    ground or background through, at the image size) lets the last pass reopen see-through holes."""
     rounds = max(1, int(cfg.grabcut_rounds))
     todo = {s for s, m in final.items() if m is None}
     if seed_hull is None and seen is None and (cams is None or len(obj_pts) < 3):
@@ -334,7 +335,7 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
         pass_dir.mkdir(parents=True, exist_ok=True)
         if last:
             save, skip = save_final, set(stems) - todo
-            polish = _polisher(load_image, prev, cfg, log, stats)
+            polish = _polisher(load_image, prev, cfg, log, stats, ground_seen)
         else:
             def save(stem, m, d=pass_dir):
                 post.write_mask(d / f"{stem}.png", post.clean_mask(m, cfg.keep_components, cfg.fill_holes, 0))
@@ -363,20 +364,28 @@ def compute(stems: list[str], load_image, shapes: list[tuple[int, int]], cams: C
                 prev.append(m if m is not None else final.get(s))
     if stats.get("repaired"):
         log.info("masks: %d masks spilled outside the multi-view consensus and were redone", stats["repaired"])
-    return {"repaired": int(stats.get("repaired", 0)), "refined": int(stats.get("refined", 0))}
+    return {"repaired": int(stats.get("repaired", 0)), "refined": int(stats.get("refined", 0)),
+            "holes_opened": int(stats.get("holes_opened", 0))}
 
 
 def _polisher(load_image, prev: list[np.ndarray | None] | None, cfg, log: logging.Logger,
-              stats: dict) -> Callable[[int, np.ndarray], np.ndarray]:
+              stats: dict, ground_seen: dict[int, np.ndarray] | None = None) -> Callable[[int, np.ndarray], np.ndarray]:
     """The last pass's masks, cleaned, are redone with clean colour models (``stages.masks.refine``)
-    when the backdrop is uniform: judged on the previous pass's masks, else per view."""
+    when the backdrop is uniform: judged on the previous pass's masks, else per view. Over a textured
+    backdrop, the holes the stereo sees through are reopened (``stages.masks.holes``)."""
     grow = refine.uniform_backdrop(load_image, prev, log) if prev is not None else None
 
     def polish(i: int, m: np.ndarray) -> np.ndarray:
         m = post.clean_mask(m, cfg.keep_components, cfg.fill_holes, 0)
         image = load_image(i)
         if grow is False or (grow is None and not refine.far_spread(image, m) < refine.UNIFORM_SPREAD):
-            return m
+            if ground_seen is None or i not in ground_seen:
+                return m
+            out = holes.open_holes(image, m, ground_seen[i])
+            if (out != m).any():
+                with STATS_LOCK:
+                    stats["holes_opened"] = stats.get("holes_opened", 0) + 1
+            return out
         with STATS_LOCK:
             stats["refined"] = stats.get("refined", 0) + 1
         return refine.refine(image, m)

@@ -60,8 +60,11 @@ def grabcut(cfg, ctx, images, sfm_dir: Path, stems, shapes, cams, todo, final, f
             obj, span = masks_grabcut.select_object_points(points, cams, log=ctx.log)
     info.update(seed=seed or "points", seed_points=len(obj), rounds=int(cfg.grabcut_rounds), repaired=0)
     if todo:
+        st = found.get("stereo")
+        ground_seen = evidence.seen_maps(st, (cams.height, cams.width)) if st is not None else None
         info.update(masks_grabcut.compute(stems, images, shapes, cams, obj, cfg, work, final, finish, ctx.log, bar,
-                                          threads, hull_pts=span, seed_hull=seed_hull, seen=seen))
+                                          threads, hull_pts=span, seed_hull=seed_hull, seen=seen,
+                                          ground_seen=ground_seen))
     shutil.rmtree(work, ignore_errors=True)
     return info
 
