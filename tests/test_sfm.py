@@ -125,7 +125,26 @@ def test_a_dark_capture_is_extracted_again_more_sensitively(orbit, tmp_path, cap
     assert summary["peak_threshold"] < FAST.peak_threshold and "extracting again" in caplog.text
     assert summary["num_registered"] == ORBIT_VIEWS
     bright = run_sfm(make_frames(tmp_path / "frames2", orbit_images(orbit), "images"), FAST, tmp_path / "sfm2")
-    assert bright["peak_threshold"] == FAST.peak_threshold
+    assert bright["peak_threshold"] == FAST.peak_threshold and bright["sift_first_octave"] == -1
+
+
+def test_few_features_at_full_size_are_extracted_again_upsampled(orbit, tmp_path, caplog, monkeypatch):
+    """The orbit scaled up to 1024x768, so SIFT starts at full size (``first_octave`` 0), with the
+    bar for enough features raised above what it finds there (as the skull's 1200x800 photos
+    fall under the real bar: 641 a frame, 49 of 66 registered): the stage extracts again from 2x
+    upsampled images, records it, finds more features, and every frame registers."""
+    from stages.sfm import steps
+
+    monkeypatch.setattr(steps, "FULL_SIZE_FEATURES", 100000)
+    big = [(p.name, np.asarray(Image.open(p).convert("RGB").resize((1024, 768), Image.BICUBIC)))
+           for p in orbit_images(orbit)[:12]]  # half the orbit: 15 deg apart, enough to register
+    frames = make_frames(tmp_path / "frames", big, "images")
+    with caplog.at_level(logging.INFO):
+        summary = run_sfm(frames, replace(FAST, max_num_features=8192), tmp_path / "sfm")
+    assert "from 2x upsampled images" in caplog.text and summary["sift_first_octave"] == -1
+    first = int(caplog.text.split("the median frame has ")[1].split()[0])
+    assert summary["features_median"] > 1.5 * first
+    assert summary["num_registered"] == len(big)
 
 
 def test_principal_point_offset_is_refined(orbit, tmp_path):

@@ -11,6 +11,7 @@ importer brought cameras), no mapping runs: points are triangulated with the giv
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from stages.sfm.steps import (MIN_FRAMES, WORK, check_features, check_registrati
                               map_with_fallback, match_all, prepare_work, publish_undistorted, read_frames,
                               resolve_matcher, timed, write_outputs)
 
-VERSION = "4"  # 4: a weak feature set is extracted again, more sensitive (steps.extract_enough)
+VERSION = "5"  # 4: a weak feature set is extracted again, more sensitive (steps.extract_enough); 5: full-size SIFT
+# finding few features runs again on 2x upsampled images
 
 
 def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
@@ -44,10 +46,10 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
     db = prepare_work(work, ctx)
     with timed(ctx, "extract", timings, f"SIFT features of {len(names)} frames", cpu):
         if not (work / "extract.done").exists():
-            peak = extract_enough(db, image_dir, names, cfg, ctx, cfg.camera_model)
+            used = extract_enough(db, image_dir, names, cfg, ctx, cfg.camera_model)
             sc.reset_implausible_focal(db, ctx)
-            (work / "extract.done").write_text(f"{peak!r}\n")
-    peak = float((work / "extract.done").read_text() or cfg.peak_threshold)
+            (work / "extract.done").write_text(json.dumps(used))
+    used = json.loads((work / "extract.done").read_text())
     counts = sc.feature_counts(db)
     check_features(names, counts)
     matcher = resolve_matcher(cfg.matcher, source_kind)
@@ -68,7 +70,8 @@ def run(inputs: dict[str, Path], cfg: Any, out_dir: Path, ctx: Context) -> dict:
         "known_cameras": False, "matcher": matcher, "num_pairs": len(pairs), "num_verified_pairs": verified,
         **mapping, "camera_model": cfg.camera_model, "distorted_cameras": distorted, "final_ba": ba_report,
         "device": str(sc.colmap_device(ctx)).split(".")[-1],
-        "peak_threshold": peak, "features_median": int(sorted(counts.values())[len(counts) // 2]) if counts else 0,
+        "peak_threshold": used["peak_threshold"], "sift_first_octave": used["first_octave"],
+        "features_median": int(sorted(counts.values())[len(counts) // 2]) if counts else 0,
         "threads": sc.cores(ctx),
     }, mask_dir=dataset_masks(frames_dir))
     shutil.rmtree(work, ignore_errors=True)

@@ -77,8 +77,9 @@ def quiet_colmap(ctx: Context) -> None:
 
 def extract(db: Path, image_dir: Path, names: list[str], cfg: Any, ctx: Context,
             camera_model: str, camera_params: str = "", per_image: bool = False,
-            peak_threshold: float | None = None) -> None:
-    """SIFT features of ``names`` into ``db``; one shared camera unless ``per_image``."""
+            peak_threshold: float | None = None, octave: int | None = None) -> None:
+    """SIFT features of ``names`` into ``db``; one shared camera unless ``per_image``. ``octave``
+    overrides SIFT's first octave (-1: a 2x upsampled image; default: ``first_octave``)."""
     import pycolmap
 
     quiet_colmap(ctx)
@@ -87,7 +88,7 @@ def extract(db: Path, image_dir: Path, names: list[str], cfg: Any, ctx: Context,
                                            use_gpu=device != pycolmap.Device.cpu)
     eo.sift.max_num_features = cfg.max_num_features
     eo.sift.peak_threshold = cfg.peak_threshold if peak_threshold is None else peak_threshold
-    eo.sift.first_octave = first_octave(image_dir / names[0], cfg)
+    eo.sift.first_octave = first_octave(image_dir / names[0], cfg) if octave is None else octave
     mode = pycolmap.CameraMode.PER_IMAGE if per_image else pycolmap.CameraMode.SINGLE
     size = max(EXTRACT_CHUNK, 4 * cores(ctx))  # every thread busy until the chunk's tail
     chunks = [names[i:i + size] for i in range(0, len(names), size)]
