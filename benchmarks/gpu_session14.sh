@@ -3,10 +3,10 @@
 # skull photos and their frames..sfm_points stage folders from a CPU run of the default preset):
 #   bash benchmarks/gpu_session14.sh 1   CUDA tests (appearance codes, camera refinement, CUDA graphs,
 #                                        triton grid) beside the skull trained with and without
-#                                        appearance codes (default preset); then camera refinement
-#                                        on spot at full size (100 views 800x600, 4000 steps)
+#                                        appearance codes (default preset)
 #   bash benchmarks/gpu_session14.sh 2   the quality preset's curve on spot (benchmarks/train_curve.py)
 #   bash benchmarks/gpu_session14.sh 3   the skull with the quality preset (codes as call 1 decided: DIM=)
+#   bash benchmarks/gpu_session14.sh 4   camera refinement on spot at full size (100 views 800x600, 4000 steps)
 set -uo pipefail
 source benchmarks/gpu_env.sh
 export TRITON_INTERPRET=0
@@ -25,10 +25,12 @@ case "${1:-1}" in
       tests/test_refine_cameras.py::test_compiled_and_graph_steps_refine_as_the_eager_step \
       tests/test_train.py::test_cuda_graph_step_equals_the_compiled_step_and_recovers \
       tests/test_hashgrid_triton.py > "$OUT/gpu_tests.log" 2>&1 ) & TESTS=$!
-  skull codes0 --set train.appearance_dim=0
+  SKULL_S=330 skull codes0 --set train.appearance_dim=0  # reruns masks and sfm_points (VERSIONs moved)
   skull codes16 --set train.appearance_dim=16
   wait $TESTS; echo "tests: $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/summary.txt"
   wait $GEN; tail -1 "$OUT/generate.log"
+  ;;
+4)
   timeout -k 10 300 python benchmarks/refine_cameras.py --preset default $SPOT --mc-res 512 --runs noisy \
       --runs noisy_refine --fresh --out "$OUT/refine_cameras.json" > "$OUT/refine.log" 2>&1
   grep -v "it/s" "$OUT/refine.log" | tail -8 | tee -a "$OUT/summary.txt"
