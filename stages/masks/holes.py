@@ -17,7 +17,6 @@ import numpy as np
 import stages.masks.post as post
 from stages.masks import refine
 
-GC_BGD, GC_FGD, GC_PR_BGD, GC_PR_FGD = 0, 1, 2, 3
 GROUND_QUANTILE = 0.05  # a core pixel is unlike the ground when the ground model scores it below this quantile
                         # of the ground's own pixels
 MIN_OBJECT_SHARE = 0.3  # ... and the object model needs this share of the core unlike the ground (a camouflaged
@@ -68,19 +67,7 @@ def open_holes(image: np.ndarray, mask: np.ndarray, seen: np.ndarray) -> np.ndar
     if unlike.sum() < max(50, MIN_OBJECT_SHARE * core.sum()):
         return mask
     models = refine.colour_models(bgr, ground, unlike)
-    tri = np.full(mask.shape, GC_BGD, np.uint8)
-    tri[ring] = GC_PR_BGD
-    tri[mask] = GC_PR_FGD
-    ys, xs = np.nonzero(ring)
-    y0, y1 = max(ys.min() - 4, 0), min(ys.max() + 5, mask.shape[0])
-    x0, x1 = max(xs.min() - 4, 0), min(xs.max() + 5, mask.shape[1])
-    crop = np.ascontiguousarray(tri[y0:y1, x0:x1])
-    cv2.setRNGSeed(0)
-    cv2.grabCut(np.ascontiguousarray(bgr[y0:y1, x0:x1]), crop, None, models[0], models[1], 1,
-                cv2.GC_EVAL_FREEZE_MODEL)
-    cut = np.zeros_like(mask)
-    cut[y0:y1, x0:x1] = np.isin(crop, (GC_FGD, GC_PR_FGD))
-    cut = post.keep_largest(cut, 1)
+    cut = refine.frozen_cut(bgr, mask, ring, models)
     holes = mask & enclosed(cut)
     if not holes.any():
         return mask

@@ -76,8 +76,6 @@ def uniform_backdrop(load_image, masks: list[np.ndarray | None], log) -> bool:
 def refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``mask`` (RGB ``image``) redone by a cut with frozen colour models of the far backdrop and of
     the mask's core, free within a ring around the mask; what it removes deeper than EDGE comes back."""
-    import cv2
-
     if mask.sum() < 64:
         return mask
     size = float(np.sqrt(mask.sum()))
@@ -86,6 +84,16 @@ def refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     models = colour_models(bgr, far_pixels(mask), post.erode(mask, max(1, int(round(CORE * size)))))
     if models is None:
         return mask
+    cut = frozen_cut(bgr, mask, ring, models)
+    return cut | _deep_cuts(mask, cut, max(2, int(round(EDGE * size))))
+
+
+def frozen_cut(bgr: np.ndarray, mask: np.ndarray, ring: np.ndarray, models) -> np.ndarray:
+    """One GrabCut pass with the colour ``models`` (background, foreground) frozen, over the box
+    around ``ring`` (pixels of ``mask`` probably object, the rest of ``ring`` probably background,
+    beyond it background); the largest connected piece of what it calls object."""
+    import cv2
+
     tri = np.full(mask.shape, GC_BGD, np.uint8)
     tri[ring] = GC_PR_BGD
     tri[mask] = GC_PR_FGD
@@ -98,8 +106,7 @@ def refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
                 cv2.GC_EVAL_FREEZE_MODEL)
     cut = np.zeros_like(mask)
     cut[y0:y1, x0:x1] = np.isin(crop, (GC_FGD, GC_PR_FGD))
-    cut = post.keep_largest(cut, 1)
-    return cut | _deep_cuts(mask, cut, max(2, int(round(EDGE * size))))
+    return post.keep_largest(cut, 1)
 
 
 def _deep_cuts(mask: np.ndarray, cut: np.ndarray, depth: int) -> np.ndarray:
