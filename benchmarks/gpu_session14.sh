@@ -10,7 +10,7 @@
 set -uo pipefail
 source benchmarks/gpu_env.sh
 export TRITON_INTERPRET=0
-SPOT="--views 100 --width 800 --height 600 --workdir /tmp/tq"
+SPOT="--views 100 --width 800 --height 600 --workdir .tq"  # .tq/ (ignored) survives a warm machine between calls
 skull() {  # name, then --set overrides
   local name=$1; shift
   timeout -k 10 "${SKULL_S:-170}" python run_pipeline.py run --images .skull/images --workdir .skull/wd --scene skull \
@@ -31,13 +31,13 @@ case "${1:-1}" in
   wait $GEN; tail -1 "$OUT/generate.log"
   ;;
 4)
-  timeout -k 10 300 python benchmarks/refine_cameras.py --preset default $SPOT --mc-res 512 --runs noisy \
+  timeout -k 10 $((${REFINE_S:-300} - SECONDS)) python benchmarks/refine_cameras.py --preset default $SPOT --mc-res 512 --runs noisy \
       --runs noisy_refine --fresh --out "$OUT/refine_cameras.json" > "$OUT/refine.log" 2>&1
   grep -v "it/s" "$OUT/refine.log" | tail -8 | tee -a "$OUT/summary.txt"
   ;;
 2)
   ( python benchmarks/train_quality.py --generate-only $SPOT > "$OUT/generate.log" 2>&1 ) ; tail -1 "$OUT/generate.log"
-  timeout -k 10 560 python benchmarks/train_curve.py --preset quality $SPOT --every 5000 --mc-res 512 \
+  timeout -k 10 $((585 - SECONDS)) python benchmarks/train_curve.py --preset quality $SPOT --every "${EVERY:-5000}" --mc-res 512 \
       --out "$OUT/curve_quality.json" > "$OUT/curve.log" 2>&1
   grep -v "it/s" "$OUT/curve.log" | tail -12 | tee -a "$OUT/summary.txt"
   ;;
